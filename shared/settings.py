@@ -1,0 +1,218 @@
+"""The one frozen settings object, read from the environment once in each ``__main__``.
+
+Services mode reads everything from ``VOD_*`` variables and refuses to start when a
+required one is missing; the standalone launcher passes ``STANDALONE_DEFAULTS`` so that
+``make run`` needs nothing. Tests build settings from a plain dict.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from shared.errors import ConfigError
+
+T = TypeVar("T")
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+# Values a human may have copied from an example file; a secret set to one of these
+# is refused rather than trusted.
+PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "xxx", "todo", "<secret>"})
+
+STANDALONE_DEFAULTS: Mapping[str, str] = {
+    "VOD_DB_URL": "sqlite+aiosqlite:///var/vod.db",
+    "VOD_REDIS_URL": "memory://",
+    "VOD_AMQP_URL": "memory://",
+    "VOD_BLOB_URL": "file://./var/blobs",
+    "VOD_API_URL": "http://127.0.0.1:8001",
+    "VOD_STREAM_URL": "http://127.0.0.1:8002",
+    "VOD_SCHEDULER_URL": "http://127.0.0.1:8003",
+    "VOD_DB_MIGRATE": "1",
+}
+
+MIN_SECRET_LENGTH = 16
+MAX_PORT = 65535
+_NAMESPACE_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """Everything a vod process can be told. Immutable; built once."""
+
+    db_url: str = field(repr=False)
+    redis_url: str = field(repr=False)
+    amqp_url: str = field(repr=False)
+    blob_url: str
+    api_url: str
+    stream_url: str
+    scheduler_url: str
+    internal_token: str = field(repr=False)
+    jwt_private_key: str | None = field(default=None, repr=False)
+    jwt_public_key: str | None = field(default=None, repr=False)
+    # Prefix of every Redis key, RabbitMQ exchange and queue: lets test runs (or two
+    # deployments sharing a broker) never see each other's data.
+    namespace: str = "vod"
+    host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    api_port: int = 8001
+    stream_port: int = 8002
+    scheduler_port: int = 8003
+    db_migrate: bool = False
+    cors_origins: tuple[str, ...] = ()
+    max_upload_bytes: int = 20 * GIB
+    max_json_bytes: int = 64 * 1024
+    stream_max_connections: int = 256
+    upstream_connect_timeout: float = 5.0
+    upstream_read_timeout: float = 60.0
+    shutdown_timeout: float = 30.0
+    log_level: str = "INFO"
+    var_dir: Path = Path("var")
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str], *, defaults: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Build settings from ``env``; ``defaults`` fill what ``env`` lacks.
+
+        Raises ``ConfigError`` naming the first variable that is missing or malformed.
+        """
+        source: dict[str, str] = dict(defaults or {})
+        source.update({k: v for k, v in env.items() if k.startswith("VOD_") and v != ""})
+        reader = _Reader(source)
+        internal_token = source.get("VOD_INTERNAL_TOKEN")
+        if internal_token is None and defaults is not None:
+            # Standalone: the four apps share one process, so a fresh random token
+            # per start is all they need.
+            internal_token = secrets.token_urlsafe(32)
+        return cls(
+            db_url=reader.url("VOD_DB_URL", ("mysql+aiomysql", "sqlite+aiosqlite")),
+            redis_url=reader.url("VOD_REDIS_URL", ("redis", "rediss", "memory")),
+            amqp_url=reader.url("VOD_AMQP_URL", ("amqp", "amqps", "memory")),
+            blob_url=reader.url("VOD_BLOB_URL", ("file", "s3")),
+            api_url=reader.upstreams("VOD_API_URL"),
+            stream_url=reader.upstreams("VOD_STREAM_URL"),
+            scheduler_url=reader.upstreams("VOD_SCHEDULER_URL"),
+            internal_token=_secret("VOD_INTERNAL_TOKEN", internal_token),
+            jwt_private_key=source.get("VOD_JWT_PRIVATE_KEY"),
+            jwt_public_key=source.get("VOD_JWT_PUBLIC_KEY"),
+            namespace=reader.parse("VOD_NAMESPACE", "vod", _namespace),
+            host=source.get("VOD_HOST", "127.0.0.1"),
+            gateway_port=reader.parse("VOD_GATEWAY_PORT", "8000", _port),
+            api_port=reader.parse("VOD_API_PORT", "8001", _port),
+            stream_port=reader.parse("VOD_STREAM_PORT", "8002", _port),
+            scheduler_port=reader.parse("VOD_SCHEDULER_PORT", "8003", _port),
+            db_migrate=reader.parse("VOD_DB_MIGRATE", "0", _bool),
+            cors_origins=tuple(
+                o.strip() for o in source.get("VOD_CORS_ORIGINS", "").split(",") if o.strip()
+            ),
+            max_upload_bytes=reader.parse("VOD_MAX_UPLOAD_BYTES", str(20 * GIB), _positive_int),
+            max_json_bytes=reader.parse("VOD_MAX_JSON_BYTES", str(64 * 1024), _positive_int),
+            stream_max_connections=reader.parse("VOD_STREAM_MAX_CONNECTIONS", "256", _positive_int),
+            upstream_connect_timeout=reader.parse(
+                "VOD_UPSTREAM_CONNECT_TIMEOUT", "5", _positive_float
+            ),
+            upstream_read_timeout=reader.parse("VOD_UPSTREAM_READ_TIMEOUT", "60", _positive_float),
+            shutdown_timeout=reader.parse("VOD_SHUTDOWN_TIMEOUT", "30", _positive_float),
+            log_level=reader.parse("VOD_LOG_LEVEL", "INFO", _log_level),
+            var_dir=Path(source.get("VOD_VAR_DIR", "var")),
+        )
+
+    def upstream_urls(self, service: str) -> tuple[str, ...]:
+        """The comma-separated replica URLs of ``service`` ("api", "stream", "scheduler")."""
+        raw = {"api": self.api_url, "stream": self.stream_url, "scheduler": self.scheduler_url}[
+            service
+        ]
+        return tuple(u.strip().rstrip("/") for u in raw.split(",") if u.strip())
+
+
+class _Reader:
+    def __init__(self, source: Mapping[str, str]) -> None:
+        self._source = source
+
+    def required(self, name: str) -> str:
+        value = self._source.get(name)
+        if value is None:
+            raise ConfigError(name, "is required but not set")
+        return value
+
+    def url(self, name: str, schemes: tuple[str, ...]) -> str:
+        value = self.required(name)
+        scheme = urlsplit(value).scheme
+        if scheme not in schemes:
+            raise ConfigError(
+                name, f"scheme {scheme or '(none)'!r} is not one of {', '.join(schemes)}"
+            )
+        return value
+
+    def upstreams(self, name: str) -> str:
+        value = self.required(name)
+        for part in value.split(","):
+            parsed = urlsplit(part.strip())
+            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                raise ConfigError(name, f"{part.strip()!r} is not an http(s) URL")
+        return value
+
+    def parse(self, name: str, default: str, convert: Callable[[str], T]) -> T:
+        raw = self._source.get(name, default)
+        try:
+            return convert(raw)
+        except ValueError as exc:
+            raise ConfigError(name, f"{raw!r} is not valid: {exc}") from None
+
+
+def _secret(name: str, value: str | None) -> str:
+    if value is None:
+        raise ConfigError(name, "is required but not set")
+    if value.strip().lower() in PLACEHOLDER_SECRETS or len(value) < MIN_SECRET_LENGTH:
+        raise ConfigError(name, "must be a real secret of at least 16 characters")
+    return value
+
+
+def _port(raw: str) -> int:
+    port = int(raw)
+    if not 0 < port <= MAX_PORT:
+        raise ValueError("port must be 1..65535")
+    return port
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _namespace(raw: str) -> str:
+    if not _NAMESPACE_RE.match(raw):
+        raise ValueError("lower-case letters, digits and _, starting with a letter, ≤ 40")
+    return raw
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("expected DEBUG, INFO, WARNING or ERROR")
+    return level

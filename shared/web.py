@@ -1,0 +1,359 @@
+"""What every vod HTTP app shares: middlewares, problem documents, health and metrics.
+
+Middlewares, outermost first (the order matters):
+
+1. ``request_id_middleware``  takes or makes the request id; every log line and every
+   response carries it.
+2. ``observe_middleware``     times the request, counts it by route and status, logs it.
+3. ``error_middleware``       the one place that turns exceptions into RFC 9457 problem
+   documents; an unexpected exception is logged once and answered as a bare 500.
+4. ``internal_token_middleware`` (upstream services only) refuses any request that did
+   not come through the gateway, except health and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from shared.errors import (
+    AppError,
+    BadRequestError,
+    ForbiddenError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+    UnsupportedMediaTypeError,
+)
+from shared.logging import request_id_var
+from shared.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "X-Request-ID"
+INTERNAL_TOKEN_HEADER = "X-Internal-Token"  # noqa: S105 - a header name
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+# Paths answered without the internal token: probes and scrapers do not hold it.
+UNGUARDED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+ReadinessCheck = Callable[[], Awaitable[None]]
+
+SETTINGS = web.AppKey("settings", Settings)
+SERVICE_NAME = web.AppKey("service_name", str)
+READINESS_CHECKS = web.AppKey("readiness_checks", dict[str, ReadinessCheck])
+REQUEST_ID = web.RequestKey("request_id", str)
+
+
+class HttpMetrics:
+    """Prometheus metrics of one app, in a registry of its own.
+
+    A registry per app (not the global one) because standalone mode runs four apps in one
+    process, and each must expose only its own series.
+    """
+
+    def __init__(self, service: str) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "vod_http_requests_total",
+            "HTTP requests by route, method and status",
+            ["service", "route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "vod_http_request_duration_seconds",
+            "Time to the end of the handler, by route and method",
+            ["service", "route", "method"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.in_flight = Gauge(
+            "vod_http_requests_in_flight",
+            "Requests being handled now",
+            ["service"],
+            registry=self.registry,
+        )
+        self.service = service
+
+
+METRICS = web.AppKey("metrics", HttpMetrics)
+
+
+def json_response(
+    data: Any, *, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """A JSON response serialised with orjson (datetimes become RFC 3339)."""
+    return web.Response(
+        body=orjson.dumps(data),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def problem_response(
+    *,
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    extra: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """An RFC 9457 problem document. ``type`` is a stable URN built from ``code``."""
+    body: dict[str, Any] = {
+        "type": f"urn:vod:problem:{code}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    request_id = request_id_var.get()
+    if request_id is not None:
+        body["request_id"] = request_id
+    if extra:
+        body.update({k: v for k, v in extra.items() if k not in body})
+    response = web.Response(body=orjson.dumps(body), status=status, headers=headers)
+    response.content_type = PROBLEM_CONTENT_TYPE
+    return response
+
+
+def app_error_response(error: AppError) -> web.Response:
+    return problem_response(
+        status=error.status,
+        code=error.instance_code,
+        title=error.title,
+        detail=error.detail,
+        extra=error.extra,
+        headers=error.headers,
+    )
+
+
+def route_label(request: web.Request) -> str:
+    """The route template ("/api/v1/videos/{id}"), never the raw path: bounded cardinality."""
+    resource = request.match_info.route.resource
+    if resource is None:
+        return "unmatched"
+    return resource.canonical
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    token = request_id_var.set(request_id)
+    try:
+        return await handler(request)
+    finally:
+        request_id_var.reset(token)
+
+
+async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    # A signal rather than the middleware: streamed responses send their headers from
+    # inside the handler, before any middleware sees the response.
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers[REQUEST_ID_HEADER] = request_id
+
+
+@web.middleware
+async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    started = time.perf_counter()
+    status = 500
+    metrics.in_flight.labels(metrics.service).inc()
+    try:
+        response = await handler(request)
+    except asyncio.CancelledError:
+        status = 499  # the client went away (nginx's convention)
+        raise
+    else:
+        status = response.status
+        return response
+    finally:
+        elapsed = time.perf_counter() - started
+        route = route_label(request)
+        metrics.in_flight.labels(metrics.service).dec()
+        metrics.requests.labels(metrics.service, route, request.method, str(status)).inc()
+        metrics.latency.labels(metrics.service, route, request.method).observe(elapsed)
+        if request.path not in UNGUARDED_PATHS:
+            logger.info(
+                "%s %s %s",
+                request.method,
+                request.path,
+                status,
+                extra={"route": route, "status": status, "ms": round(elapsed * 1000, 2)},
+            )
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "route_not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except AppError as error:
+        return app_error_response(error)
+    except web.HTTPException as exc:
+        if exc.status < 400:  # noqa: PLR2004 - redirects and successes pass through
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        detail = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
+        if exc.status == 404:  # noqa: PLR2004
+            detail = f"No route for {request.method} {request.path}"
+        return problem_response(
+            status=exc.status,
+            code=_HTTP_CODES.get(exc.status, f"http_{exc.status}"),
+            title=exc.reason,
+            detail=detail,
+            headers=headers,
+        )
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        # Logged once here, with the request id; the client learns nothing of the inside.
+        logger.exception("unhandled error in %s %s", request.method, request.path)
+        return problem_response(
+            status=500,
+            code="internal_error",
+            title="Internal Server Error",
+            detail="An unexpected error occurred; quote the request id when reporting it.",
+        )
+
+
+def internal_token_middleware(token: str) -> Middleware:
+    """Refuses requests that lack the gateway's shared secret (health and metrics excepted)."""
+    expected = token.encode()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in UNGUARDED_PATHS:
+            presented = request.headers.get(INTERNAL_TOKEN_HEADER, "").encode()
+            if not hmac.compare_digest(presented, expected):
+                raise ForbiddenError(
+                    "This service only answers requests that come through the gateway.",
+                    code="internal_token_required",
+                )
+        return await handler(request)
+
+    return middleware
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    """Liveness: the process answers. Never touches a back end."""
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: every back end this service needs answers within a short deadline."""
+    checks = request.app[READINESS_CHECKS]
+    results = await asyncio.gather(
+        *(_run_check(check) for check in checks.values()), return_exceptions=False
+    )
+    report = dict(zip(checks.keys(), results, strict=True))
+    ready = all(value == "ok" for value in report.values())
+    return json_response(
+        {"status": "ready" if ready else "unavailable", "checks": report},
+        status=200 if ready else 503,
+    )
+
+
+READINESS_TIMEOUT = 2.0
+
+
+async def _run_check(check: ReadinessCheck) -> str:
+    try:
+        async with asyncio.timeout(READINESS_TIMEOUT):
+            await check()
+    except TimeoutError:
+        return "timeout"
+    except Exception as exc:  # noqa: BLE001 - a readiness probe reports, it does not raise
+        return f"error: {type(exc).__name__}"
+    return "ok"
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+def create_base_app(
+    service: str,
+    settings: Settings,
+    *,
+    require_internal_token: bool = True,
+    client_max_size: int | None = None,
+) -> web.Application:
+    """An application with vod's middlewares, ``/healthz``, ``/readyz`` and ``/metrics``.
+
+    Each service's ``create_app`` starts here, adds its routes, its ``cleanup_ctx`` and
+    its readiness checks (``app[READINESS_CHECKS]["db"] = ...``).
+    """
+    middlewares: list[Middleware] = [request_id_middleware, observe_middleware, error_middleware]
+    if require_internal_token:
+        middlewares.append(internal_token_middleware(settings.internal_token))
+    app = web.Application(
+        middlewares=middlewares,
+        client_max_size=client_max_size or settings.max_json_bytes,
+    )
+    app[SETTINGS] = settings
+    app[SERVICE_NAME] = service
+    app[METRICS] = HttpMetrics(service)
+    app[READINESS_CHECKS] = {}
+    app.on_response_prepare.append(_stamp_request_id)
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/readyz", readyz, name="readyz")
+    app.router.add_get("/metrics", metrics_handler, name="metrics")
+    return app
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body, or a 400/413/415 problem; never a 500."""
+    if request.content_type != "application/json":
+        raise UnsupportedMediaTypeError(
+            "Send the body as application/json.", code="unsupported_media_type"
+        )
+    limit = request.app[SETTINGS].max_json_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLargeError(f"JSON bodies are limited to {limit} bytes.")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLargeError(f"JSON bodies are limited to {limit} bytes.") from None
+    if len(raw) > limit:
+        raise PayloadTooLargeError(f"JSON bodies are limited to {limit} bytes.")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequestError(f"The body is not valid JSON: {exc}", code="malformed_json") from None
+
+
+def unavailable(backend: str) -> ServiceUnavailableError:
+    """The 503 raised when ``backend`` cannot be reached; clients may retry later."""
+    error = ServiceUnavailableError(
+        f"The {backend} is unavailable; try again shortly.", code=f"{backend}_unavailable"
+    )
+    error.headers["Retry-After"] = "2"
+    return error

@@ -1,0 +1,135 @@
+"""Fixtures shared by every test layer.
+
+Isolation: each test session gets a run id; the MariaDB database, the Redis key prefix
+and the RabbitMQ exchange/queue names all carry it, and are removed at the end, so two
+runs (or a run and a developer's stack) never see each other's data.
+
+Real services: ``VOD_TEST_MYSQL``, ``VOD_TEST_REDIS``, ``VOD_TEST_AMQP`` say where they are
+(defaults: this machine's). When one is not reachable its tests are skipped, unless
+``VOD_REQUIRE_SERVICES=1`` (as in CI), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from shared.settings import Settings
+
+MYSQL_URL = os.environ.get("VOD_TEST_MYSQL", "mysql+aiomysql://root@127.0.0.1:3306/test")
+REDIS_URL = os.environ.get("VOD_TEST_REDIS", "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get("VOD_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
+REQUIRE_SERVICES = os.environ.get("VOD_REQUIRE_SERVICES") == "1"
+
+RUN_ID = secrets.token_hex(4)
+INTERNAL_TOKEN = "test-internal-token-" + secrets.token_hex(8)
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), 1
+        ):
+            return True
+    except OSError:
+        return False
+
+
+def require(url: str, default_port: int, what: str) -> None:
+    """Skip (or, with VOD_REQUIRE_SERVICES=1, fail) when ``what`` is not reachable."""
+    if _reachable(url, default_port):
+        return
+    message = f"{what} not reachable at {urlsplit(url).netloc}"
+    if REQUIRE_SERVICES:
+        pytest.fail(message + " (VOD_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def run_id() -> str:
+    return RUN_ID
+
+
+@pytest.fixture(scope="session")
+def namespace() -> str:
+    """Prefix of Redis keys and RabbitMQ names for this test run."""
+    return f"vodtest_{RUN_ID}"
+
+
+@pytest.fixture(scope="session")
+def mysql_server_url() -> str:
+    require(MYSQL_URL, 3306, "MariaDB")
+    return MYSQL_URL
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> str:
+    require(REDIS_URL, 6379, "Redis")
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def amqp_server_url() -> str:
+    require(AMQP_URL, 5672, "RabbitMQ")
+    return AMQP_URL
+
+
+@pytest.fixture(scope="session")
+def mysql_database_url(mysql_server_url: str) -> Iterator[str]:
+    """A MariaDB database of this run's own, dropped at the end of the session."""
+    import pymysql
+
+    parts = urlsplit(mysql_server_url)
+    name = f"vod_test_{RUN_ID}"
+    connection_args: dict[str, Any] = {
+        "host": parts.hostname or "127.0.0.1",
+        "port": parts.port or 3306,
+        "user": parts.username or "root",
+        "password": parts.password or "",
+    }
+    conn = pymysql.connect(**connection_args)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+        yield parts._replace(path=f"/{name}").geturl()
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+        conn.close()
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> Callable[..., Settings]:
+    """Settings as the standalone launcher would build them, overridable per test."""
+
+    def build(**overrides: str) -> Settings:
+        env = {
+            "VOD_DB_URL": f"sqlite+aiosqlite:///{tmp_path}/vod.db",
+            "VOD_REDIS_URL": f"memory://{RUN_ID}-{secrets.token_hex(4)}",
+            "VOD_AMQP_URL": f"memory://{RUN_ID}-{secrets.token_hex(4)}",
+            "VOD_BLOB_URL": f"file://{tmp_path}/blobs",
+            "VOD_API_URL": "http://127.0.0.1:8001",
+            "VOD_STREAM_URL": "http://127.0.0.1:8002",
+            "VOD_SCHEDULER_URL": "http://127.0.0.1:8003",
+            "VOD_INTERNAL_TOKEN": INTERNAL_TOKEN,
+            "VOD_NAMESPACE": f"vodtest_{RUN_ID}",
+            "VOD_DB_MIGRATE": "1",
+            "VOD_VAR_DIR": str(tmp_path / "var"),
+        }
+        env.update(overrides)
+        return Settings.from_env(env)
+
+    return build
+
+
+@pytest.fixture
+def internal_headers() -> dict[str, str]:
+    return {"X-Internal-Token": INTERNAL_TOKEN}
