@@ -1,1 +1,1 @@
-"""api_service."""
+"""The api service: users, tokens, videos' metadata, comments, danmaku and the live channel."""

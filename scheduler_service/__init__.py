@@ -1,1 +1,1 @@
-"""scheduler_service."""
+"""The scheduler service: background jobs consumed from RabbitMQ."""

@@ -73,6 +73,12 @@ class Settings:
     upstream_read_timeout: float = 60.0
     shutdown_timeout: float = 30.0
     log_level: str = "INFO"
+    # Argon2id cost; the defaults are argon2-cffi's (RFC 9106 "low memory"). Tests lower them.
+    argon2_time_cost: int = 3
+    argon2_memory_kib: int = 65536
+    # Failed sign-ins tolerated per username (and 5x that per client address) in a window.
+    login_max_failures: int = 10
+    login_window_seconds: int = 900
     var_dir: Path = Path("var")
 
     @classmethod
@@ -100,8 +106,8 @@ class Settings:
             stream_url=reader.upstreams("VOD_STREAM_URL"),
             scheduler_url=reader.upstreams("VOD_SCHEDULER_URL"),
             internal_token=_secret("VOD_INTERNAL_TOKEN", internal_token),
-            jwt_private_key=source.get("VOD_JWT_PRIVATE_KEY"),
-            jwt_public_key=source.get("VOD_JWT_PUBLIC_KEY"),
+            jwt_private_key=reader.key_material("VOD_JWT_PRIVATE_KEY"),
+            jwt_public_key=reader.key_material("VOD_JWT_PUBLIC_KEY"),
             namespace=reader.parse("VOD_NAMESPACE", "vod", _namespace),
             host=source.get("VOD_HOST", "127.0.0.1"),
             gateway_port=reader.parse("VOD_GATEWAY_PORT", "8000", _port),
@@ -121,8 +127,24 @@ class Settings:
             upstream_read_timeout=reader.parse("VOD_UPSTREAM_READ_TIMEOUT", "60", _positive_float),
             shutdown_timeout=reader.parse("VOD_SHUTDOWN_TIMEOUT", "30", _positive_float),
             log_level=reader.parse("VOD_LOG_LEVEL", "INFO", _log_level),
+            argon2_time_cost=reader.parse("VOD_ARGON2_TIME_COST", "3", _positive_int),
+            argon2_memory_kib=reader.parse("VOD_ARGON2_MEMORY_KIB", "65536", _positive_int),
+            login_max_failures=reader.parse("VOD_LOGIN_MAX_FAILURES", "10", _positive_int),
+            login_window_seconds=reader.parse("VOD_LOGIN_WINDOW_SECONDS", "900", _positive_int),
             var_dir=Path(source.get("VOD_VAR_DIR", "var")),
         )
+
+    def require_private_key(self) -> str:
+        """The signing key; services mode refuses to start the api without it."""
+        if self.jwt_private_key is None:
+            raise ConfigError("VOD_JWT_PRIVATE_KEY", "is required but not set")
+        return self.jwt_private_key
+
+    def require_public_key(self) -> str:
+        """The verifying key; services mode refuses to start the gateway without it."""
+        if self.jwt_public_key is None:
+            raise ConfigError("VOD_JWT_PUBLIC_KEY", "is required but not set")
+        return self.jwt_public_key
 
     def upstream_urls(self, service: str) -> tuple[str, ...]:
         """The comma-separated replica URLs of ``service`` ("api", "stream", "scheduler")."""
@@ -158,6 +180,18 @@ class _Reader:
             if parsed.scheme not in ("http", "https") or not parsed.netloc:
                 raise ConfigError(name, f"{part.strip()!r} is not an http(s) URL")
         return value
+
+    def key_material(self, name: str) -> str | None:
+        """A PEM given inline or as the path of a file holding it."""
+        value = self._source.get(name)
+        if value is None or value.lstrip().startswith("-----BEGIN"):
+            return value
+        try:
+            return Path(value).read_text()
+        except OSError as exc:
+            raise ConfigError(
+                name, f"is neither a PEM nor a readable file ({exc.strerror})"
+            ) from None
 
     def parse(self, name: str, default: str, convert: Callable[[str], T]) -> T:
         raw = self._source.get(name, default)

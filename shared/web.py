@@ -19,7 +19,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -50,6 +50,7 @@ UNGUARDED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 ReadinessCheck = Callable[[], Awaitable[None]]
+CleanupContext = Callable[[web.Application], AsyncIterator[None]]
 
 SETTINGS = web.AppKey("settings", Settings)
 SERVICE_NAME = web.AppKey("service_name", str)

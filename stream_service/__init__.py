@@ -1,1 +1,1 @@
-"""stream_service."""
+"""The stream service: chunked resumable upload and byte-range streaming."""

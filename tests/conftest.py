@@ -20,6 +20,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.settings import Settings
 
@@ -29,6 +31,17 @@ AMQP_URL = os.environ.get("VOD_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
 REQUIRE_SERVICES = os.environ.get("VOD_REQUIRE_SERVICES") == "1"
 
 RUN_ID = secrets.token_hex(4)
+# One Ed25519 pair for the whole run: signing keys are slow to make and tests only need
+# the gateway and the api to agree.
+_JWT_KEY = Ed25519PrivateKey.generate()
+JWT_PRIVATE_KEY = _JWT_KEY.private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+).decode()
+JWT_PUBLIC_KEY = (
+    _JWT_KEY.public_key()
+    .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    .decode()
+)
 INTERNAL_TOKEN = "test-internal-token-" + secrets.token_hex(8)
 
 
@@ -123,6 +136,11 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
             "VOD_NAMESPACE": f"vodtest_{RUN_ID}",
             "VOD_DB_MIGRATE": "1",
             "VOD_VAR_DIR": str(tmp_path / "var"),
+            "VOD_JWT_PRIVATE_KEY": JWT_PRIVATE_KEY,
+            "VOD_JWT_PUBLIC_KEY": JWT_PUBLIC_KEY,
+            # Cheap hashes: tests check behaviour, not Argon2's cost.
+            "VOD_ARGON2_TIME_COST": "1",
+            "VOD_ARGON2_MEMORY_KIB": "1024",
         }
         env.update(overrides)
         return Settings.from_env(env)

@@ -1,0 +1,51 @@
+# vod — the two commands that matter: `make run` and `make test`.
+# Everything installs into ./.venv from the pins in pyproject.toml; nothing by hand.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: run services test unit lint format bench loadtest clean install
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-installs whenever the pins change.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+## make run: the whole suite in one process with embedded back ends; prints the URL.
+run: $(STAMP)
+	$(BIN)/python -m standalone
+
+## make services: the four services as four processes against real back ends (VOD_* vars).
+services: $(STAMP)
+	BIN=$(BIN) deploy/run-services.sh
+
+## make test: lint, then every test (real MariaDB/Redis/RabbitMQ where reachable).
+test: $(STAMP) lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## make unit: the fast tests only (no real back ends, no processes).
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit tests/api $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,11 @@
+"""Every web.AppKey of the api service."""
+
+from aiohttp import web
+
+from api_service.services.sessions import SessionService
+from api_service.services.users import UserService
+from shared.auth import TokenSigner
+
+USERS = web.AppKey("users", UserService)
+SESSIONS = web.AppKey("sessions", SessionService)
+SIGNER = web.AppKey("signer", TokenSigner)

@@ -1,0 +1,16 @@
+"""The api service's URL table; route names match handler names."""
+
+from aiohttp import web
+
+from api_service.handlers import accounts
+
+
+def setup_routes(app: web.Application) -> None:
+    router = app.router
+    router.add_post("/api/v1/users", accounts.create_user, name="create_user")
+    # /users/me before /users/{username}: "me" is reserved and never a username.
+    router.add_get("/api/v1/users/me", accounts.get_me, name="get_me")
+    router.add_get("/api/v1/users/{username}", accounts.get_user, name="get_user")
+    router.add_post("/api/v1/sessions", accounts.create_session, name="create_session")
+    router.add_post("/api/v1/sessions/refresh", accounts.refresh_session, name="refresh_session")
+    router.add_delete("/api/v1/sessions", accounts.delete_session, name="delete_session")

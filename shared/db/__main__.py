@@ -1,0 +1,77 @@
+"""Operator commands for the schema, configured by ``VOD_DB_URL`` alone.
+
+python -m shared.db migrate              # upgrade to the newest revision
+python -m shared.db migrate 0001         # or to a given one
+python -m shared.db downgrade base       # undo every migration (drops the tables)
+python -m shared.db create-database      # MySQL: create the database VOD_DB_URL names, if missing
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from alembic.util import CommandError
+
+from shared.db.database import create_database, open_database
+from shared.db.errors import DatabaseUnavailableError
+from shared.errors import ConfigError
+from shared.logging import configure_logging
+
+logger = logging.getLogger("shared.db")
+
+
+async def _run(url: str, command: str, revision: str) -> None:
+    if command == "create-database":
+        await create_database(url)
+        return
+    try:
+        db = await open_database(url)
+    except ValueError as exc:
+        raise ConfigError("VOD_DB_URL", str(exc)) from None
+    try:
+        if command == "migrate":
+            await db.migrate(revision)
+        else:
+            await db.downgrade(revision)
+    finally:
+        await db.close()
+
+
+def _database_url() -> str:
+    url = os.environ.get("VOD_DB_URL", "")
+    if not url:
+        raise ConfigError("VOD_DB_URL", "is required but not set")
+    return url
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shared.db", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    migrate = commands.add_parser("migrate", help="upgrade the schema (default: to head)")
+    migrate.add_argument("revision", nargs="?", default="head")
+    downgrade = commands.add_parser("downgrade", help="downgrade the schema to a revision")
+    downgrade.add_argument("revision")
+    commands.add_parser("create-database", help="create the MySQL database if it is missing")
+    args = parser.parse_args(argv)
+    args.revision = getattr(args, "revision", "")
+
+    configure_logging("db", os.environ.get("VOD_LOG_LEVEL", "INFO").upper())
+    try:
+        asyncio.run(_run(_database_url(), args.command, args.revision))
+    except (ConfigError, CommandError) as exc:
+        logger.error("%s", exc)  # noqa: TRY400 - one line naming the problem is the point
+        return 2
+    except DatabaseUnavailableError as exc:
+        logger.error("%s", exc)  # noqa: TRY400 - the cause is in the message, not a bug
+        return 1
+    logger.info("schema %s to %s done", args.command, args.revision)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The tables every service agrees on, as SQLAlchemy Core objects.
+
+This mirrors what the Alembic migrations create; the migrations are the source of truth
+for the database, this module is what repositories query. A new migration updates both.
+
+Every table is InnoDB, utf8mb4 with the binary collation on MySQL, so string comparison,
+uniqueness and ordering are byte-exact there as they are on SQLite, whatever default the
+operator's database was created with. Times are aware UTC datetimes in Python
+(``UtcDateTime``), naive UTC ``DATETIME(6)`` on MySQL.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    CHAR,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+# Deterministic constraint names, so later migrations (and SQLite batch mode, which must
+# name what it drops) can refer to them on both dialects.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+MYSQL_TABLE_OPTIONS: dict[str, Any] = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """An aware datetime stored as naive UTC; read back as aware UTC on every dialect.
+
+    A naive datetime is refused on the way in: its zone would be a guess.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            # Plain DATETIME drops the microseconds; TIMESTAMP ends in 2038 and converts
+            # through the session time zone.
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime())
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: pass an aware one (UTC)")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a datetime from the database, got {type(value).__name__}")
+        return value.replace(tzinfo=UTC)
+
+
+# Identity-bearing BIGINT that still autoincrements on SQLite, where only a column
+# declared exactly INTEGER PRIMARY KEY aliases the rowid.
+BigIntegerId = BigInteger().with_variant(Integer(), "sqlite")
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", CHAR(26), primary_key=True),
+    Column("username", String(32), nullable=False, unique=True),
+    # The username lower-cased: unique, so "Alice" and "alice" cannot both sign up, and
+    # looked up by, so sign-in ignores case; the same on both dialects, unlike collations.
+    Column("username_key", String(32), nullable=False, unique=True),
+    Column("password_hash", String(255), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("is_admin", Boolean(), nullable=False, default=False, server_default=text("0")),
+    **MYSQL_TABLE_OPTIONS,
+)
+
+# One row per refresh token, keyed by the SHA-256 of the token (the token itself is never
+# stored, so a leaked table cannot be replayed). Rotation spends a token and issues the next one
+# in the same family; presenting a spent token again revokes the whole family.
+refresh_tokens = Table(
+    "refresh_tokens",
+    metadata,
+    Column("id", CHAR(64), primary_key=True),
+    Column("family_id", CHAR(26), nullable=False, index=True),
+    Column(
+        "user_id", CHAR(26), ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True
+    ),
+    Column("expires_at", UtcDateTime(), nullable=False),
+    Column("spent_at", UtcDateTime(), nullable=True),
+    Column("revoked_at", UtcDateTime(), nullable=True),
+    Column("created_at", UtcDateTime(), nullable=False),
+    **MYSQL_TABLE_OPTIONS,
+)
+
+# Events written in the same transaction as the change that caused them; a relay
+# publishes unsent rows in id order and stamps sent_at. The payload is the message body
+# exactly as it will be published.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", BigIntegerId, primary_key=True, autoincrement=True),
+    Column("event_id", CHAR(36), nullable=False, unique=True),
+    Column("routing_key", String(255), nullable=False),
+    Column("payload", Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb"), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("sent_at", UtcDateTime(), nullable=True),
+    Column("attempts", Integer(), nullable=False, default=0, server_default=text("0")),
+    Index("ix_outbox_sent_at_id", "sent_at", "id"),
+    **MYSQL_TABLE_OPTIONS,
+)
+
+# A consumer inserts (consumer, message id) in the transaction that handles a message;
+# the duplicate key on a redelivery tells it the work is already done.
+processed_messages = Table(
+    "processed_messages",
+    metadata,
+    Column("consumer", String(64), primary_key=True),
+    Column("message_id", String(64), primary_key=True),
+    Column("processed_at", UtcDateTime(), nullable=False, index=True),
+    **MYSQL_TABLE_OPTIONS,
+)
+
+# One row per stored file, keyed by its content hash; videos sharing a file share the row.
+# zero_since is set when ref_count drops to 0, so the collector deletes only blobs that
+# stayed unreferenced for a grace period.
+blobs = Table(
+    "blobs",
+    metadata,
+    Column("content_hash", CHAR(64), primary_key=True),
+    Column("size", BigInteger(), nullable=False),
+    Column("ref_count", Integer(), nullable=False, default=0, server_default=text("0")),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("zero_since", UtcDateTime(), nullable=True, index=True),
+    **MYSQL_TABLE_OPTIONS,
+)

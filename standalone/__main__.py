@@ -1,0 +1,92 @@
+"""`python -m standalone`: gateway, api, stream and scheduler in one process.
+
+Embedded back ends (SQLite under ./var, in-process Redis and message bus, blobs under
+./var/blobs) unless VOD_* variables name real ones. Ctrl-C or SIGTERM stops it cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+from aiohttp import web
+
+from api_service.app import create_app as create_api_app
+from gateway.app import create_app as create_gateway_app
+from scheduler_service.app import create_app as create_scheduler_app
+from shared.auth import ensure_dev_keypair
+from shared.errors import ConfigError
+from shared.logging import configure_logging
+from shared.runner import EXIT_CONFIG_ERROR
+from shared.settings import STANDALONE_DEFAULTS, Settings
+from stream_service.app import create_app as create_stream_app
+
+logger = logging.getLogger("standalone")
+
+AppFactory = Callable[[Settings], web.Application]
+
+
+def _apps(settings: Settings) -> list[tuple[str, AppFactory, int]]:
+    # Upstreams first, the gateway last: it opens its door when there is something behind it.
+    return [
+        ("api", create_api_app, settings.api_port),
+        ("stream", create_stream_app, settings.stream_port),
+        ("scheduler", create_scheduler_app, settings.scheduler_port),
+        ("gateway", create_gateway_app, settings.gateway_port),
+    ]
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Start the four apps, wait for ``stop``, then shut them down gateway first."""
+    runners: list[web.AppRunner] = []
+    try:
+        for name, factory, port in _apps(settings):
+            runner = web.AppRunner(
+                factory(settings), access_log=None, shutdown_timeout=settings.shutdown_timeout
+            )
+            await runner.setup()
+            runners.append(runner)
+            await web.TCPSite(runner, settings.host, port).start()
+            logger.info("%s listening on %s:%d", name, settings.host, port)
+        print(  # noqa: T201 - the one line a person running `make run` is waiting for
+            f"vod is running: http://{settings.host}:{settings.gateway_port}/  (Ctrl-C to stop)",
+            flush=True,
+        )
+        await stop.wait()
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
+
+
+def main() -> None:
+    try:
+        settings = Settings.from_env(os.environ, defaults=STANDALONE_DEFAULTS)
+    except ConfigError as error:
+        print(f"standalone: configuration error: {error}", file=sys.stderr)  # noqa: T201
+        raise SystemExit(EXIT_CONFIG_ERROR) from None
+    configure_logging("standalone", settings.log_level)
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    if settings.jwt_private_key is None:
+        # A dev pair made on first run and kept under ./var, so sign-ins survive restarts.
+        private_pem, public_pem = ensure_dev_keypair(settings.var_dir)
+        settings = dataclasses.replace(
+            settings, jwt_private_key=private_pem, jwt_public_key=public_pem
+        )
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

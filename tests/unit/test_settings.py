@@ -1,0 +1,89 @@
+"""Settings: one frozen object; a bad or missing variable stops start-up naming itself."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from shared.errors import ConfigError
+from shared.settings import STANDALONE_DEFAULTS, Settings
+
+SERVICES_ENV = {
+    "VOD_DB_URL": "mysql+aiomysql://vod:pw@db/vod",
+    "VOD_REDIS_URL": "redis://cache:6379/0",
+    "VOD_AMQP_URL": "amqp://guest:guest@broker/",
+    "VOD_BLOB_URL": "file:///srv/blobs",
+    "VOD_API_URL": "http://api-a:8001,http://api-b:8001",
+    "VOD_STREAM_URL": "http://stream:8002",
+    "VOD_SCHEDULER_URL": "http://scheduler:8003",
+    "VOD_INTERNAL_TOKEN": "a-long-random-internal-secret",
+}
+
+
+def test_services_mode_reads_every_variable() -> None:
+    settings = Settings.from_env(SERVICES_ENV | {"VOD_MAX_UPLOAD_BYTES": "1048576"})
+    assert settings.db_url == "mysql+aiomysql://vod:pw@db/vod"
+    assert settings.max_upload_bytes == 1048576
+    assert settings.upstream_urls("api") == ("http://api-a:8001", "http://api-b:8001")
+    assert settings.namespace == "vod"
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings.from_env(SERVICES_ENV)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.db_url = "sqlite+aiosqlite:///x"  # type: ignore[misc]
+
+
+def test_secrets_and_dsns_stay_out_of_repr() -> None:
+    text = repr(Settings.from_env(SERVICES_ENV))
+    assert "a-long-random-internal-secret" not in text
+    assert "pw@db" not in text
+
+
+@pytest.mark.parametrize("missing", ["VOD_DB_URL", "VOD_REDIS_URL", "VOD_INTERNAL_TOKEN"])
+def test_missing_variable_is_named(missing: str) -> None:
+    env = {k: v for k, v in SERVICES_ENV.items() if k != missing}
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert caught.value.variable == missing
+    assert str(caught.value).startswith(f"{missing}: ")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("VOD_DB_URL", "postgres://x/y"),
+        ("VOD_REDIS_URL", "localhost:6379"),
+        ("VOD_API_URL", "api:8001"),
+        ("VOD_GATEWAY_PORT", "70000"),
+        ("VOD_GATEWAY_PORT", "eighty"),
+        ("VOD_MAX_UPLOAD_BYTES", "-5"),
+        ("VOD_DB_MIGRATE", "maybe"),
+        ("VOD_NAMESPACE", "Bad Name"),
+        ("VOD_INTERNAL_TOKEN", "changeme"),
+        ("VOD_LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_malformed_variable_is_named(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(SERVICES_ENV | {variable: value})
+    assert caught.value.variable == variable
+
+
+def test_standalone_defaults_need_no_environment() -> None:
+    settings = Settings.from_env({}, defaults=STANDALONE_DEFAULTS)
+    assert settings.db_url.startswith("sqlite+aiosqlite://")
+    assert settings.redis_url.startswith("memory://")
+    assert settings.amqp_url.startswith("memory://")
+    # A fresh internal token per standalone start, never a fixed one.
+    other = Settings.from_env({}, defaults=STANDALONE_DEFAULTS)
+    assert settings.internal_token != other.internal_token
+
+
+def test_environment_overrides_standalone_defaults() -> None:
+    settings = Settings.from_env(
+        {"VOD_REDIS_URL": "redis://127.0.0.1:6379/1", "HOME": "/root"},
+        defaults=STANDALONE_DEFAULTS,
+    )
+    assert settings.redis_url == "redis://127.0.0.1:6379/1"
