@@ -47,5 +47,12 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+## make loadtest: locust, headless and bounded, against VOD_GATEWAY (the standalone stack by default).
+VOD_GATEWAY ?= http://127.0.0.1:8000
+loadtest: $(STAMP)
+	mkdir -p bench/results
+	$(BIN)/locust -f loadtests/locustfile.py --headless -u 10 -r 5 -t 10s --host $(VOD_GATEWAY) \
+		--csv bench/results/locust --html bench/results/locust.html
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
