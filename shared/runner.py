@@ -28,6 +28,8 @@ def run_service(
     service: str,
     create_app: Callable[[Settings], web.Application],
     port: Callable[[Settings], int],
+    *,
+    handler_cancellation: bool = False,
 ) -> None:
     """Run ``service`` until SIGINT/SIGTERM; in-flight requests get the shutdown grace."""
     settings = load_settings_or_exit(service)
@@ -42,6 +44,7 @@ def run_service(
         host=settings.host,
         port=port(settings),
         shutdown_timeout=settings.shutdown_timeout,
+        handler_cancellation=handler_cancellation,
         access_log=None,  # observe_middleware logs every request as JSON
         print=None,
     )

@@ -19,7 +19,7 @@ from aiohttp import web
 from api_service.app import create_app as create_api_app
 from gateway.app import create_app as create_gateway_app
 from scheduler_service.app import create_app as create_scheduler_app
-from shared.auth import ensure_dev_keypair
+from shared.auth import TokenSigner, ensure_dev_keypair
 from shared.errors import ConfigError
 from shared.logging import configure_logging
 from shared.runner import EXIT_CONFIG_ERROR
@@ -47,7 +47,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     try:
         for name, factory, port in _apps(settings):
             runner = web.AppRunner(
-                factory(settings), access_log=None, shutdown_timeout=settings.shutdown_timeout
+                factory(settings),
+                access_log=None,
+                shutdown_timeout=settings.shutdown_timeout,
+                # Only the gateway faces clients: a hang-up there cancels the upstream call.
+                handler_cancellation=name == "gateway",
             )
             await runner.setup()
             runners.append(runner)
@@ -76,6 +80,10 @@ def main() -> None:
         private_pem, public_pem = ensure_dev_keypair(settings.var_dir)
         settings = dataclasses.replace(
             settings, jwt_private_key=private_pem, jwt_public_key=public_pem
+        )
+    elif settings.jwt_public_key is None:
+        settings = dataclasses.replace(
+            settings, jwt_public_key=TokenSigner(settings.jwt_private_key).public_key_pem()
         )
 
     async def run() -> None:

@@ -1,0 +1,1 @@
+"""The proxy: the routing table, the upstream client, and the HTTP and WebSocket relays."""

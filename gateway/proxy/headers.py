@@ -1,0 +1,118 @@
+"""Which headers cross the gateway, in each direction.
+
+End-to-end headers pass untouched (``Range``, ``If-Range``, ``Content-Range``,
+``Accept-Ranges``, ``ETag``, ``Content-Length``, ``Content-Encoding``, cookies, ...).
+Hop-by-hop headers (RFC 9110 §7.6.1) describe one connection and never cross. Headers
+that carry trust between the gateway and its upstreams are only ever set by the gateway:
+a client sending them is ignored, whatever it sent.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from shared.auth import IDENTITY_HEADERS, Identity
+from shared.web import INTERNAL_TOKEN_HEADER, REQUEST_ID, REQUEST_ID_HEADER
+
+# Every header under this prefix is reserved for gateway → upstream signalling.
+RESERVED_PREFIX: Final = "x-vod-"
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+    }
+)
+
+# Set by the gateway alone, from what it knows; a client's values are dropped. The
+# gateway is the public edge, so a forwarding chain a client sends cannot be verified.
+_GATEWAY_OWNED: Final = frozenset(
+    {
+        *(name.lower() for name in IDENTITY_HEADERS),
+        INTERNAL_TOKEN_HEADER.lower(),
+        REQUEST_ID_HEADER.lower(),
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+    }
+)
+
+# Host names the upstream (aiohttp sets it from the URL); the gateway already answered any
+# "Expect: 100-continue" itself, so the upstream must not make the body wait a second time.
+_REQUEST_ONLY_DROPPED: Final = frozenset({"host", "expect"})
+
+# The client's WebSocket handshake belongs to the client ↔ gateway hop; the gateway makes
+# its own handshake with the upstream (subprotocols are passed separately).
+_WEBSOCKET_HANDSHAKE: Final = frozenset(
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-accept",
+        "sec-websocket-protocol",
+    }
+)
+
+# An upstream has no business telling a client the shared secret, even by mistake.
+_RESPONSE_DROPPED: Final = frozenset({INTERNAL_TOKEN_HEADER.lower()})
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Header names the sender declared hop-by-hop in its Connection header."""
+    return frozenset(
+        token.strip().lower()
+        for value in headers.getall(hdrs.CONNECTION, ())
+        for token in value.split(",")
+        if token.strip()
+    )
+
+
+def upstream_request_headers(
+    request: web.Request,
+    *,
+    internal_token: str,
+    identity: Identity | None,
+    websocket: bool = False,
+) -> CIMultiDict[str]:
+    """The headers to send upstream for ``request``."""
+    dropped = HOP_BY_HOP | _GATEWAY_OWNED | _REQUEST_ONLY_DROPPED
+    dropped |= _connection_tokens(request.headers)
+    if websocket:
+        dropped |= _WEBSOCKET_HANDSHAKE
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        lowered = name.lower()
+        if lowered in dropped or lowered.startswith(RESERVED_PREFIX):
+            continue
+        headers.add(name, value)
+    headers[INTERNAL_TOKEN_HEADER] = internal_token
+    headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
+    if request.remote:
+        headers["X-Forwarded-For"] = request.remote
+    headers["X-Forwarded-Proto"] = request.scheme
+    headers["X-Forwarded-Host"] = request.host
+    if identity is not None:
+        headers.update(identity.to_headers())
+    return headers
+
+
+def client_response_headers(upstream_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream response's headers that go on to the client."""
+    dropped = HOP_BY_HOP | _RESPONSE_DROPPED | _connection_tokens(upstream_headers)
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream_headers.items():
+        if name.lower() not in dropped:
+            headers.add(name, value)
+    return headers
