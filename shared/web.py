@@ -28,12 +28,14 @@ from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from shared.auth import Identity
 from shared.errors import (
     AppError,
     BadRequestError,
     ForbiddenError,
     PayloadTooLargeError,
     ServiceUnavailableError,
+    UnauthorizedError,
     UnsupportedMediaTypeError,
 )
 from shared.logging import request_id_var
@@ -349,6 +351,23 @@ async def read_json(request: web.Request) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadRequestError(f"The body is not valid JSON: {exc}", code="malformed_json") from None
+
+
+def request_identity(request: web.Request) -> Identity | None:
+    """The caller the gateway verified, or None when anonymous.
+
+    Only meaningful behind ``internal_token_middleware``: the headers are trusted because
+    nobody but the gateway can reach this service with the internal token.
+    """
+    return Identity.from_headers(request.headers)
+
+
+def require_identity(request: web.Request) -> Identity:
+    """The verified caller; 401 problem for an anonymous request."""
+    identity = Identity.from_headers(request.headers)
+    if identity is None:
+        raise UnauthorizedError("Sign in first: send an access token.", code="unauthorized")
+    return identity
 
 
 def unavailable(backend: str) -> ServiceUnavailableError:

@@ -151,3 +151,47 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
 @pytest.fixture
 def internal_headers() -> dict[str, str]:
     return {"X-Internal-Token": INTERNAL_TOKEN}
+
+
+@pytest.fixture
+def real_backends_env(
+    mysql_database_url: str, redis_server_url: str, amqp_server_url: str, namespace: str
+) -> dict[str, str]:
+    """Settings overrides that put a test on this machine's MariaDB, Redis and RabbitMQ."""
+    return {
+        "VOD_DB_URL": mysql_database_url,
+        "VOD_REDIS_URL": redis_server_url,
+        "VOD_AMQP_URL": amqp_server_url,
+        # Per test: queues and keys of one test never meet another's.
+        "VOD_NAMESPACE": f"{namespace}_{secrets.token_hex(3)}",
+    }
+
+
+@pytest.fixture
+async def stack(
+    aiohttp_server: Any, aiohttp_client: Any, make_settings: Callable[..., Settings]
+) -> Any:
+    """The four apps behind a gateway, on embedded back ends."""
+    from tests.stack import start_stack
+
+    return await start_stack(make_settings(), aiohttp_server, aiohttp_client)
+
+
+@pytest.fixture
+async def real_stack(
+    aiohttp_server: Any,
+    aiohttp_client: Any,
+    make_settings: Callable[..., Settings],
+    real_backends_env: dict[str, str],
+) -> Any:
+    """The four apps behind a gateway, on the real MariaDB, Redis and RabbitMQ."""
+    from shared.kv import open_kv
+    from tests.stack import start_stack
+
+    settings = make_settings(**real_backends_env)
+    yield await start_stack(settings, aiohttp_server, aiohttp_client)
+    kv = await open_kv(settings.redis_url, settings.namespace)
+    try:
+        await kv.delete_namespace()
+    finally:
+        await kv.close()

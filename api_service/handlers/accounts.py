@@ -10,9 +10,7 @@ from api_service.keys import SESSIONS, USERS
 from api_service.repositories.users import User
 from api_service.schemas import parse_credentials, parse_new_user, parse_refresh_token
 from api_service.services.sessions import TokenPair
-from shared.auth import Identity
-from shared.errors import UnauthorizedError
-from shared.web import json_response, read_json
+from shared.web import json_response, read_json, request_identity, require_identity
 
 # Token responses must never be stored by a browser or proxy cache (RFC 6749 §5.1).
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -38,13 +36,6 @@ def client_address(request: web.Request) -> str:
     return hops[-1] if hops else (request.remote or "unknown")
 
 
-def require_identity(request: web.Request) -> Identity:
-    identity = Identity.from_headers(request.headers)
-    if identity is None:
-        raise UnauthorizedError("Sign in first: send an access token.", code="unauthorized")
-    return identity
-
-
 async def create_user(request: web.Request) -> web.Response:
     credentials = parse_new_user(await read_json(request))
     user = await request.app[USERS].sign_up(credentials.username, credentials.password)
@@ -54,7 +45,7 @@ async def create_user(request: web.Request) -> web.Response:
 
 
 async def get_me(request: web.Request) -> web.Response:
-    user = await request.app[USERS].me(Identity.from_headers(request.headers))
+    user = await request.app[USERS].me(request_identity(request))
     return json_response(user_json(user), headers={"Cache-Control": "private, no-store"})
 
 
