@@ -19,6 +19,14 @@ if [[ -z "${VOD_INTERNAL_TOKEN:-}" ]]; then
   export VOD_INTERNAL_TOKEN
 fi
 
+if [[ -z "${VOD_JWT_PRIVATE_KEY:-}" ]]; then
+  # Local convenience only: a dev key pair under ./var (made once). Production passes the
+  # PEMs (or paths to them) in VOD_JWT_PRIVATE_KEY / VOD_JWT_PUBLIC_KEY.
+  "$BIN/python" -c 'from pathlib import Path; from shared.auth import ensure_dev_keypair; ensure_dev_keypair(Path("var"))'
+  export VOD_JWT_PRIVATE_KEY=var/jwt-ed25519-private.pem
+  export VOD_JWT_PUBLIC_KEY=${VOD_JWT_PUBLIC_KEY:-var/jwt-ed25519-public.pem}
+fi
+
 "$BIN/python" -m shared.db create-database
 
 pids=()
@@ -36,5 +44,7 @@ for service in api_service stream_service scheduler_service gateway; do
 done
 echo "vod services are starting: http://127.0.0.1:${VOD_GATEWAY_PORT:-8000}/  (Ctrl-C to stop)"
 # Any one exiting stops the rest: a half-running suite is worse than a stopped one.
-wait -n "${pids[@]}" || true
+status=0
+wait -n "${pids[@]}" || status=$?
 stop
+exit "$status"

@@ -253,6 +253,20 @@ def _sqlite_pragma(conn: Connection, pragma: str) -> None:
         cursor.close()
 
 
+def _switch_to_wal(cursor: Any) -> None:
+    """WAL lets readers run beside the writer; the mode is persistent, set once per file.
+
+    Switching needs the file to itself and SQLite does not wait for that (no busy
+    handler): when another connection holds it, this one carries on in the current mode
+    and a later connection makes the switch. Nothing depends on WAL for correctness.
+    """
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.OperationalError as error:
+        if "locked" not in str(error):
+            raise
+
+
 def _install_sqlite_hooks(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -261,10 +275,11 @@ def _install_sqlite_hooks(engine: AsyncEngine) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            # busy_timeout first: switching to WAL may have to wait for another connection.
             cursor.execute("PRAGMA busy_timeout=5000")
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA journal_mode")
+            if cursor.fetchone()[0] != "wal":
+                _switch_to_wal(cursor)
         finally:
             cursor.close()
 
