@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -22,10 +23,26 @@ SERVICES = {
 }
 
 
+@dataclass
+class Suite:
+    processes: dict[str, ServiceProcess]
+    env: dict[str, str]
+    ports: dict[str, int]
+    log_dir: Path
+
+    def __getitem__(self, module: str) -> ServiceProcess:
+        return self.processes[module]
+
+    async def restart(self, module: str) -> None:
+        """SIGTERM the service, which must exit 0, and start a fresh process in its place."""
+        assert self.processes[module].terminate() == 0
+        process = start(module, self.env, self.log_dir, name=f"{module}-2")
+        self.processes[module] = process
+        await wait_healthy(process, f"http://127.0.0.1:{self.ports[module]}", "/readyz")
+
+
 @pytest.fixture
-async def suite(
-    tmp_path: Path, real_backends_env: dict[str, str]
-) -> AsyncIterator[dict[str, ServiceProcess]]:
+async def suite(tmp_path: Path, real_backends_env: dict[str, str]) -> AsyncIterator[Suite]:
     ports = {module: free_port() for module in SERVICES}
     env = {
         **real_backends_env,
@@ -48,15 +65,13 @@ async def suite(
             processes[module] = start(module, env, tmp_path)
         for module, process in processes.items():
             await wait_healthy(process, f"http://127.0.0.1:{ports[module]}", "/readyz")
-        yield processes
+        yield Suite(processes, env, ports, tmp_path)
     finally:
         codes = {module: process.terminate() for module, process in processes.items()}
     assert codes == dict.fromkeys(processes, 0), {m: processes[m].log()[-2000:] for m in codes}
 
 
-async def test_four_processes_serve_a_signed_in_journey(
-    suite: dict[str, ServiceProcess],
-) -> None:
+async def test_four_processes_serve_a_signed_in_journey(suite: Suite) -> None:
     gateway = suite["gateway"].url
     async with aiohttp.ClientSession() as session:
         credentials = {"username": f"svc_{os.urandom(3).hex()}", "password": "services mode"}
@@ -69,11 +84,28 @@ async def test_four_processes_serve_a_signed_in_journey(
             assert response.status == 200
             assert (await response.json())["username"] == credentials["username"]
             assert response.headers["X-Request-ID"] == "svc-me-1"
+        # Refresh state is in the database: a restarted api still honours the token.
+        await suite.restart("api_service")
+        async with session.post(
+            f"{gateway}/api/v1/sessions/refresh",
+            json={"refresh_token": tokens["refresh_token"]},
+        ) as response:
+            assert response.status == 200, await response.text()
         async with session.delete(f"{gateway}/api/v1/sessions", headers=auth) as response:
             assert response.status == 204
         async with session.get(f"{gateway}/api/v1/users/me", headers=auth) as response:
             assert response.status == 401
-        async with session.get(f"{suite['api_service'].url}/metrics") as response:
-            assert 'route="/api/v1/users/me"' in await response.text()
-    # The request id crossed the hop into the api's JSON log lines.
-    assert "\"request_id\":\"svc-me-1\"" in suite["api_service"].log()
+        async with session.get(f"{suite['gateway'].url}/metrics") as response:
+            metrics = await response.text()
+        # Counted under the route family's template, with the statuses clients saw.
+        counted = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("vod_http_requests_total{")
+            and 'route="/api/v1/users' in line
+            and 'status="401"' in line
+        ]
+        assert len(counted) == 1, metrics
+        assert counted[0].endswith(" 1.0")
+    # The request id crossed the hop into the (first) api process's JSON log lines.
+    assert '"request_id":"svc-me-1"' in (suite.log_dir / "api_service.log").read_text()
