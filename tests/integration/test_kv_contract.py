@@ -11,7 +11,6 @@ import asyncio
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -24,39 +23,13 @@ from shared.kv import (
     KeyValueUnavailableError,
     open_kv,
 )
+from tests.integration.conftest import OpenStore
 
 pytestmark = pytest.mark.integration
 
-OpenStore = Callable[[str], Awaitable[KeyValueStore]]
 
 # How long a message may take to arrive before the test fails (never a sleep).
 DELIVERY_TIMEOUT = 5.0
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def open_store(request: pytest.FixtureRequest, namespace: str) -> AsyncIterator[OpenStore]:
-    """Opens stores on one server (this adapter's), each under ``namespace:<suffix>``."""
-    if request.param == "redis":
-        url = request.getfixturevalue("redis_server_url")
-    else:
-        url = f"memory://{namespace}-{secrets.token_hex(4)}"
-    test_namespace = f"{namespace}:{secrets.token_hex(4)}"
-    opened: list[KeyValueStore] = []
-
-    async def open_store(suffix: str) -> KeyValueStore:
-        store = await open_kv(url, f"{test_namespace}:{suffix}")
-        opened.append(store)
-        return store
-
-    yield open_store
-    for store in opened:
-        await store.delete_namespace()
-        await store.close()
-
-
-@pytest.fixture
-async def kv(open_store: OpenStore) -> KeyValueStore:
-    return await open_store("main")
 
 
 def closed_port() -> int:
