@@ -8,6 +8,12 @@ The gateway takes no internal token (it is where the token is added), and it nev
 a request body itself, so ``client_max_size`` only bounds what the gateway's own handlers
 might read; proxied bodies stream through whatever their size.
 
+Upstream replicas (``gateway.proxy.upstreams``): a replica whose connection fails, or
+whose ``/healthz`` fails in the periodic check (every ``HealthPolicy.check_interval``
+seconds, a background task of the upstream client's cleanup context), sits out a
+cool-down; idempotent requests move to another replica when a connection breaks
+(``gateway.proxy.client``). Counts and replica state are on ``/metrics``.
+
 Run it with ``handler_cancellation=True`` (``__main__`` does): the gateway faces clients
 directly, and a client that hangs up must not leave its upstream request running.
 """
@@ -15,6 +21,7 @@ directly, and a client that hangs up must not leave its upstream request running
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.resources
 import logging
 import weakref
@@ -33,13 +40,15 @@ from gateway.keys import (
     UPSTREAM_CLIENT,
 )
 from gateway.proxy.client import UpstreamClient, create_client_session
+from gateway.proxy.metrics import UpstreamMetrics
 from gateway.proxy.table import SERVICES, Service
-from gateway.proxy.upstreams import upstreams_from_settings
+from gateway.proxy.upstreams import HealthPolicy, upstreams_from_settings
 from gateway.routes import setup_routes
 from shared.auth import TokenVerifier
 from shared.resources import KV, kv_ctx
 from shared.settings import Settings
 from shared.web import (
+    METRICS,
     READINESS_CHECKS,
     SETTINGS,
     CleanupContext,
@@ -52,7 +61,9 @@ logger = logging.getLogger(__name__)
 OPENAPI_RESOURCE = "openapi.json"
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, *, health: HealthPolicy | None = None) -> web.Application:
+    """The gateway. ``health``: how upstream replicas are judged (tests pass a clock)."""
+    health = health or HealthPolicy()
     app = create_base_app(
         "gateway",
         settings,
@@ -61,12 +72,14 @@ def create_app(settings: Settings) -> web.Application:
     )
     # Built here, not at first use: a gateway without a valid public key must not start.
     verifier = TokenVerifier(settings.require_public_key())
-    app[REPLICA_SETS] = upstreams_from_settings(settings)
+    app[REPLICA_SETS] = upstreams_from_settings(settings, health)
+    upstream_metrics = UpstreamMetrics(app[METRICS].registry)
+    upstream_metrics.watch(app[REPLICA_SETS].values())
     app[OPEN_WEBSOCKETS] = weakref.WeakSet()
     app.cleanup_ctx.append(kv_ctx)
     app.cleanup_ctx.append(authenticator_ctx(verifier))
     app.cleanup_ctx.append(openapi_ctx)
-    app.cleanup_ctx.append(upstream_client_ctx)
+    app.cleanup_ctx.append(upstream_client_ctx(upstream_metrics, health.check_interval))
     app.on_shutdown.append(begin_shutdown)
     for service in SERVICES:
         app[READINESS_CHECKS][f"upstream_{service}"] = _upstream_ready(app, service)
@@ -82,14 +95,29 @@ def authenticator_ctx(verifier: TokenVerifier) -> CleanupContext:
     return context
 
 
-async def upstream_client_ctx(app: web.Application) -> AsyncIterator[None]:
-    session = create_client_session(app[SETTINGS])
-    replica_sets = app[REPLICA_SETS]
-    app[UPSTREAM_CLIENT] = UpstreamClient(session, replica_sets)
-    try:
-        yield
-    finally:
-        await session.close()
+def upstream_client_ctx(metrics: UpstreamMetrics, check_interval: float | None) -> CleanupContext:
+    """The upstream client, and its periodic health checks when ``check_interval`` is set."""
+
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        session = create_client_session(app[SETTINGS])
+        replica_sets = app[REPLICA_SETS]
+        client = UpstreamClient(session, replica_sets, metrics)
+        app[UPSTREAM_CLIENT] = client
+        checks = None
+        if check_interval is not None:
+            checks = asyncio.create_task(
+                client.run_health_checks(check_interval), name="gateway-upstream-health"
+            )
+        try:
+            yield
+        finally:
+            if checks is not None:
+                checks.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await checks
+            await session.close()
+
+    return context
 
 
 async def openapi_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDictProxy
 
 from gateway.app import create_app
+from gateway.proxy.upstreams import HealthPolicy
 from shared.settings import Settings
 from shared.web import json_response
 
@@ -35,6 +36,9 @@ class FakeUpstream:
     app: web.Application = field(default_factory=web.Application)
     seen: list[SeenRequest] = field(default_factory=list)
     server: TestServer | None = None
+    # What /healthz answers: 200 while healthy, 503 otherwise.
+    healthy: bool = True
+    probed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def url(self) -> str:
@@ -46,7 +50,16 @@ class FakeUpstream:
         self.seen.append(SeenRequest(request.method, request.path_qs, request.headers, body))
         return json_response({"upstream": self.name, "method": request.method})
 
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        assert self.server.port is not None
+        return self.server.port
+
     async def healthz(self, _request: web.Request) -> web.Response:
+        self.probed.set()
+        if not self.healthy:
+            return json_response({"status": "failing"}, status=503)
         return json_response({"status": "ok"})
 
 
@@ -57,7 +70,8 @@ class Upstreams:
     scheduler: FakeUpstream
     # Set at teardown: handlers that hold their answer wait on it, never on a clock.
     release: asyncio.Event
-    start: Callable[[FakeUpstream], Awaitable[FakeUpstream]]
+    # Starts a fake on a free port, or on ``port`` (a stopped replica coming back).
+    start: Callable[..., Awaitable[FakeUpstream]]
 
     def env(self) -> dict[str, str]:
         return {
@@ -71,10 +85,10 @@ class Upstreams:
 async def upstreams(aiohttp_server: Any) -> AsyncIterator[Upstreams]:
     """Three fake upstreams, started by the test once it has added its own routes."""
 
-    async def start(upstream: FakeUpstream) -> FakeUpstream:
+    async def start(upstream: FakeUpstream, port: int | None = None) -> FakeUpstream:
         upstream.app.router.add_get("/healthz", upstream.healthz)
         upstream.app.router.add_route("*", "/{tail:.*}", upstream.echo)
-        upstream.server = await aiohttp_server(upstream.app)
+        upstream.server = await aiohttp_server(upstream.app, port=port)
         return upstream
 
     fakes = Upstreams(
@@ -97,13 +111,19 @@ def gateway(
 ) -> GatewayFactory:
     """Starts whichever fakes are not started yet, then a gateway pointed at them."""
 
-    async def build(client_kwargs: dict[str, Any] | None = None, **env: str) -> GatewayClient:
+    async def build(
+        client_kwargs: dict[str, Any] | None = None,
+        *,
+        health: HealthPolicy | None = None,
+        **env: str,
+    ) -> GatewayClient:
         for fake in (upstreams.api, upstreams.stream, upstreams.scheduler):
             if fake.server is None:
                 await upstreams.start(fake)
         settings = make_settings(**{**upstreams.env(), **env})
+        app = create_app(settings, health=health)
         # aiohttp's TestServer runs with handler_cancellation=True, as __main__ does.
-        client: GatewayClient = await aiohttp_client(create_app(settings), **(client_kwargs or {}))
+        client: GatewayClient = await aiohttp_client(app, **(client_kwargs or {}))
         return client
 
     return build

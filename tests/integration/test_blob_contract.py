@@ -1,34 +1,60 @@
 """The blob store contract, run against every adapter.
 
-Only "local" exists so far. An adapter joins by adding a param to ``harness`` that builds
-its store and a ``leftovers`` view of everything the adapter has stored, including what a
-caller never sees (temporary files here; unfinished multipart uploads for S3), so the
-atomicity tests can prove nothing was left behind.
+Adapters: "local" (files under a temporary folder) and "s3" (moto's standalone S3
+server, started once per run in a process of its own on a free port of 127.0.0.1, with
+one bucket for the run, emptied and deleted at the end; each test has a key prefix of its
+own in it). ``VOD_TEST_S3=http://KEY:SECRET@host:port`` points the run at a real
+S3-compatible server (MinIO, say) instead of moto.
+
+An adapter joins by adding a param to ``harness`` that builds its store and a
+``leftovers`` view of everything the adapter has stored, including what a caller never
+sees (temporary files; unfinished multipart uploads), so the atomicity tests can prove
+nothing was left behind. Tests of one adapter's own behaviour close the file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
-from datetime import datetime
+import secrets
+import socket
+import subprocess
+import sys
+import tracemalloc
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, unquote, urlsplit
 
 import pytest
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession
 
 from shared.blobs import (
     CHUNK_SIZE,
     BlobInfo,
     BlobNotFoundError,
     BlobStore,
+    BlobStoreUnavailableError,
     BlobTooLargeError,
     InvalidBlobKeyError,
     LocalBlobStore,
+    S3BlobStore,
     open_blob_store,
 )
 from shared.errors import BadRequestError, ConfigError
+from tests.conftest import require
+
+if TYPE_CHECKING:
+    from aiobotocore.session import ClientCreatorContext
+    from types_aiobotocore_s3.client import S3Client
 
 pytestmark = pytest.mark.integration
 
@@ -55,17 +81,217 @@ class Harness:
     store: BlobStore
     # Every object the adapter holds, hidden or not, as sorted names.
     leftovers: Callable[[], Awaitable[list[str]]]
+    # Most bytes a 64 MiB write and read may hold at once: a few of the adapter's pieces.
+    memory_bound: int
 
 
-@pytest.fixture(params=["local"])
+# -- the S3 server ---------------------------------------------------------------------
+
+# A real S3-compatible server instead of moto's: VOD_TEST_S3=http://KEY:SECRET@host:9000
+# (MinIO, say). The run makes its own bucket there and deletes it at the end.
+S3_URL = os.environ.get("VOD_TEST_S3")
+S3_ACCESS_KEY = "vodtest"
+S3_SECRET_KEY = "vodtest/secret+key"  # a "/" and a "+" to prove URL-decoding
+S3_REGION = "us-east-1"
+# Run in a child process: the server's threads then never share this process's GIL or
+# count in its memory measurements, and binding port 0 there avoids a free-port race.
+# It prints its port, then serves until its stdin closes.
+MOTO_SERVER = """
+import logging, sys
+from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+print(server.get_host_and_port()[1], flush=True)
+sys.stdin.read()
+server.stop()
+"""
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    bucket: str
+    access_key: str = S3_ACCESS_KEY
+    secret_key: str = S3_SECRET_KEY
+
+    @property
+    def credentials(self) -> tuple[str, str]:
+        return (self.access_key, self.secret_key)
+
+    def url(self, prefix: str, *, credentials: bool = True) -> str:
+        userinfo = f"{quote(self.access_key, safe='')}:{quote(self.secret_key, safe='')}@"
+        return (
+            f"s3://{userinfo if credentials else ''}{self.bucket}/{prefix}"
+            f"?endpoint={self.endpoint}&region={S3_REGION}"
+        )
+
+    def admin(self) -> ClientCreatorContext[S3Client]:
+        """A plain S3 client (``async with``), to see what the store cannot show."""
+        return _admin_session().create_client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=S3_REGION,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=AioConfig(s3={"addressing_style": "path"}),
+        )
+
+
+@functools.cache
+def _admin_session() -> AioSession:
+    return AioSession()  # loads S3's service model once for the run, not once per test
+
+
+@pytest.fixture(scope="session")
+def s3_server(run_id: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    bucket = f"vodtest-{run_id}"
+    if S3_URL:
+        parts = urlsplit(S3_URL)
+        endpoint = f"{parts.scheme}://{parts.hostname}:{parts.port or 9000}"
+        require(endpoint, 9000, "the S3 server of VOD_TEST_S3")  # named without its keys
+        server = S3Server(
+            endpoint,
+            bucket,
+            unquote(parts.username or ""),
+            unquote(parts.password or ""),
+        )
+        _run_aside(_create_bucket(server))
+        yield server
+        _run_aside(_delete_bucket(server))
+        return
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-c", MOTO_SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+        )
+    assert process.stdin is not None
+    assert process.stdout is not None
+    try:
+        port = process.stdout.readline().strip()
+        if not port.isdigit():
+            pytest.fail(f"moto's server did not start: {log.read_text()[-2000:]}")
+        server = S3Server(f"http://127.0.0.1:{int(port)}", bucket)
+        _run_aside(_create_bucket(server))
+        yield server
+        _run_aside(_delete_bucket(server))
+    finally:
+        process.stdin.close()
+        process.stdout.close()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _run_aside(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Runs ``coroutine`` to its end on a loop of its own, in a thread of its own.
+
+    The session fixture may be set up from inside a test's running loop (an async fixture
+    asked for it), where ``asyncio.run`` is refused.
+    """
+    with ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, coroutine).result()
+
+
+async def _create_bucket(server: S3Server) -> None:
+    async with server.admin() as s3:
+        await s3.create_bucket(Bucket=server.bucket)
+
+
+async def _delete_bucket(server: S3Server) -> None:
+    async with server.admin() as s3:
+        await _empty(s3, server.bucket, "")
+        await s3.delete_bucket(Bucket=server.bucket)
+
+
+async def _empty(s3: S3Client, bucket: str, prefix: str) -> None:
+    for key in await _object_keys(s3, bucket, prefix):
+        await s3.delete_object(Bucket=bucket, Key=key)
+    for key, upload_id in await _unfinished_uploads(s3, bucket, prefix):
+        await s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+
+
+async def _object_keys(s3: S3Client, bucket: str, prefix: str) -> list[str]:
+    paginator = s3.get_paginator("list_objects_v2")
+    return [
+        entry["Key"]
+        async for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
+        for entry in page.get("Contents", [])
+    ]
+
+
+async def _unfinished_uploads(s3: S3Client, bucket: str, prefix: str) -> list[tuple[str, str]]:
+    page = await s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+    return [(upload["Key"], upload["UploadId"]) for upload in page.get("Uploads", [])]
+
+
+@dataclass
+class S3Place:
+    """One test's prefix in the run's bucket, the stores opened on it, and a plain client."""
+
+    server: S3Server
+    admin: S3Client
+    prefix: str = field(default_factory=lambda: f"t-{secrets.token_hex(6)}")
+    exits: AsyncExitStack = field(default_factory=AsyncExitStack)
+
+    def open(self, **options: Any) -> S3BlobStore:
+        """A store on this prefix, from the URL, or built with ``options`` when given."""
+        if options:
+            options.setdefault("endpoint_url", self.server.endpoint)
+            options.setdefault("credentials", self.server.credentials)
+            store = S3BlobStore(self.server.bucket, prefix=self.prefix + "/", **options)
+        else:
+            opened = open_blob_store(self.server.url(self.prefix))
+            assert isinstance(opened, S3BlobStore)
+            store = opened
+        self.exits.push_async_callback(store.close)
+        return store
+
+    async def leftovers(self) -> list[str]:
+        """Objects under the prefix, and ``multipart:<key>`` for each unfinished upload."""
+        start = len(self.prefix) + 1
+        objects = await _object_keys(self.admin, self.server.bucket, self.prefix + "/")
+        uploads = await _unfinished_uploads(self.admin, self.server.bucket, self.prefix + "/")
+        return sorted(
+            [key[start:] for key in objects] + [f"multipart:{key[start:]}" for key, _ in uploads]
+        )
+
+
+@asynccontextmanager
+async def s3_place_on(server: S3Server) -> AsyncIterator[S3Place]:
+    """A fresh prefix on ``server``; its stores closed and its objects removed at the end."""
+    async with server.admin() as admin:
+        place = S3Place(server, admin)
+        async with place.exits:
+            yield place
+        await _empty(admin, server.bucket, place.prefix + "/")
+
+
+@pytest.fixture
+async def s3_place(s3_server: S3Server) -> AsyncIterator[S3Place]:
+    async with s3_place_on(s3_server) as place:
+        yield place
+
+
+@pytest.fixture(params=["local", "s3"])
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+    if request.param == "s3":
+        async with s3_place_on(request.getfixturevalue("s3_server")) as place:
+            # Two parts and change: the part being joined, its pieces, the next piece.
+            yield Harness(place.open(), place.leftovers, memory_bound=24 * MIB)
+        return
     root = tmp_path / "blobs"
     store = open_blob_store(f"file://{root}")
 
     async def leftovers() -> list[str]:
         return sorted(str(path.relative_to(root)) for path in root.rglob("*") if not path.is_dir())
 
-    yield Harness(store, leftovers)
+    yield Harness(store, leftovers, memory_bound=8 * MIB)
     await store.close()
 
 
@@ -329,7 +555,16 @@ async def test_ping(store: BlobStore) -> None:
     await store.ping()
 
 
-async def test_streams_64_mib_with_bounded_pieces(store: BlobStore) -> None:
+async def test_abort_stale_multipart_uploads_spares_finished_blobs(harness: Harness) -> None:
+    store = harness.store
+    await store.write("blobs/ab/done", chunks_of(b"finished"))
+    assert await store.abort_stale_multipart_uploads(timedelta(0)) == 0
+    assert await read_all(store, "blobs/ab/done") == b"finished"
+    assert await harness.leftovers() == ["blobs/ab/done"]
+
+
+async def test_streams_64_mib_in_bounded_pieces_and_memory(harness: Harness) -> None:
+    store = harness.store
     total = 64 * MIB
     piece = os.urandom(MIB)
     expected = hashlib.sha256()
@@ -341,17 +576,26 @@ async def test_streams_64_mib_with_bounded_pieces(store: BlobStore) -> None:
             expected.update(block)
             yield block
 
-    info = await store.write("blobs/ff/large", generate())
-    assert (info.size, info.sha256) == (total, expected.hexdigest())
-
     got = hashlib.sha256()
     size = largest = 0
-    async for chunk in store.read("blobs/ff/large", chunk_size=CHUNK_SIZE):
-        got.update(chunk)
-        size += len(chunk)
-        largest = max(largest, len(chunk))
+    # Python allocations of this process (the S3 server runs in another): a store that
+    # held the blob whole, or buffered the whole download, would pass 64 MiB. The store
+    # is used once first, so that opening its client (S3's service model) is not counted.
+    await store.ping()
+    tracemalloc.start()
+    try:
+        info = await store.write("blobs/ff/large", generate())
+        async for chunk in store.read("blobs/ff/large", chunk_size=CHUNK_SIZE):
+            got.update(chunk)
+            size += len(chunk)
+            largest = max(largest, len(chunk))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (info.size, info.sha256) == (total, expected.hexdigest())
     assert (size, got.hexdigest()) == (total, expected.hexdigest())
     assert largest <= CHUNK_SIZE
+    assert peak < harness.memory_bound, f"peak {peak / MIB:.1f} MiB"
 
 
 # -- the local adapter only ----------------------------------------------------------
@@ -367,9 +611,7 @@ def test_relative_file_url_is_under_the_working_folder(
     assert store.root.is_dir()
 
 
-@pytest.mark.parametrize(
-    "url", ["file://host/path", "file://", "s3://bucket", "http://example.com/blobs"]
-)
+@pytest.mark.parametrize("url", ["file://host/path", "file://", "http://example.com/blobs"])
 def test_unsupported_blob_urls_are_config_errors(url: str) -> None:
     with pytest.raises(ConfigError, match="VOD_BLOB_URL"):
         open_blob_store(url)
@@ -387,3 +629,254 @@ async def test_a_key_cannot_run_through_an_existing_blob(tmp_path: Path) -> None
         assert sorted(p.name for p in (tmp_path / "blobs").rglob("*")) == ["a", "b"]
     finally:
         await store.close()
+
+
+# -- the S3 adapter only -------------------------------------------------------------
+
+
+def counting_session() -> tuple[AioSession, Counter[str]]:
+    """A session that counts the S3 operations of the clients made from it, by name."""
+    session = AioSession()
+    calls: Counter[str] = Counter()
+
+    def count(model: Any, **_: Any) -> None:
+        calls[model.name] += 1
+
+    session.register("before-call.s3", count)
+    return session, calls
+
+
+async def test_s3_url_names_bucket_prefix_endpoint_region_and_credentials() -> None:
+    store = open_blob_store(
+        "s3://AKIA1:se%2Fcr%40et@media-bucket/prod/v1/?endpoint=https://minio:9000&region=eu-west-3"
+    )
+    assert isinstance(store, S3BlobStore)
+    assert (store.bucket, store.prefix, store.endpoint_url, store.region) == (
+        "media-bucket",
+        "prod/v1/",
+        "https://minio:9000",
+        "eu-west-3",
+    )
+    assert store.local_path("blobs/ab/c") is None
+    assert "se/cr@et" not in repr(store)
+    assert "AKIA1" not in repr(store)
+    plain = open_blob_store("s3://media-bucket")
+    assert isinstance(plain, S3BlobStore)
+    assert (plain.prefix, plain.endpoint_url, plain.region) == ("", None, "us-east-1")
+    await store.close()
+    await plain.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://",
+        "s3://Upper_Case",
+        "s3://ab",
+        "s3://bucket?endpoint=ftp://host",
+        "s3://bucket?endpoint=",
+        "s3://bucket?regoin=us-east-1",
+        "s3://bucket?region=a&region=b",
+        "s3://only-a-key@bucket",
+        "s3://key:@bucket",
+        "s3://bucket/../up",
+        "s3://bucket/.hidden",
+    ],
+)
+def test_bad_s3_urls_are_config_errors(url: str) -> None:
+    with pytest.raises(ConfigError, match="VOD_BLOB_URL") as caught:
+        open_blob_store(url)
+    assert "only-a-key" not in str(caught.value)
+
+
+async def test_small_bodies_are_one_put_large_ones_multipart(s3_place: S3Place) -> None:
+    session, calls = counting_session()
+    store = s3_place.open(session=session, part_size=5 * MIB)
+    whole_part = os.urandom(5 * MIB)
+    await store.write("one/put", chunks_of(whole_part, size=MIB))
+    assert calls["PutObject"] == 1
+    assert calls["CreateMultipartUpload"] == 0
+
+    longer = whole_part + b"tail"
+    info = await store.write("two/parts", chunks_of(longer, size=MIB))
+    assert (calls["CreateMultipartUpload"], calls["UploadPart"]) == (1, 2)
+    assert calls["CompleteMultipartUpload"] == 1
+    assert (info.size, info.sha256) == (len(longer), sha256(longer))
+    assert await read_all(store, "two/parts", offset=5 * MIB - 2) == longer[-6:]
+    assert await s3_place.leftovers() == ["one/put", "two/parts"]
+
+
+async def test_a_multipart_write_that_fails_is_aborted(s3_place: S3Place) -> None:
+    session, calls = counting_session()
+    store = s3_place.open(session=session, part_size=5 * MIB)
+
+    async def failing() -> AsyncIterator[bytes]:
+        for _ in range(12):  # two parts sent, a third being gathered
+            yield b"f" * MIB
+        raise ConnectionResetError("client went away")
+
+    with pytest.raises(ConnectionResetError):
+        await store.write("uploads/u7/00001", failing())
+    assert (calls["UploadPart"], calls["AbortMultipartUpload"]) == (2, 1)
+    assert await s3_place.leftovers() == []
+
+
+async def test_max_bytes_past_the_first_part_aborts_the_upload(s3_place: S3Place) -> None:
+    session, calls = counting_session()
+    store = s3_place.open(session=session, part_size=5 * MIB)
+    with pytest.raises(BlobTooLargeError):
+        await store.write("too/big", chunks_of(b"m" * (9 * MIB), size=MIB), max_bytes=7 * MIB)
+    assert (calls["UploadPart"], calls["AbortMultipartUpload"]) == (1, 1)
+    assert await s3_place.leftovers() == []
+
+
+async def test_a_cancelled_multipart_write_is_aborted(s3_place: S3Place) -> None:
+    session, calls = counting_session()
+    store = s3_place.open(session=session, part_size=5 * MIB)
+    stalled = asyncio.Event()
+
+    async def stalling() -> AsyncIterator[bytes]:
+        for _ in range(6):
+            yield b"c" * MIB
+        stalled.set()
+        await asyncio.Event().wait()  # a client that stops sending after a part went out
+        yield b"never"
+
+    writing = asyncio.create_task(store.write("uploads/u8/00001", stalling()))
+    async with asyncio.timeout(10):  # a bound on a hang, not a wait for time to pass
+        await stalled.wait()
+    writing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writing
+    assert calls["AbortMultipartUpload"] == 1
+    assert await s3_place.leftovers() == []
+
+
+async def test_concatenate_copies_large_parts_on_the_server(s3_place: S3Place) -> None:
+    session, calls = counting_session()
+    store = s3_place.open(session=session, copy_concurrency=2)
+    parts = [os.urandom(5 * MIB), os.urandom(5 * MIB + 7), b"the short last part"]
+    for index, part in enumerate(parts):
+        await store.write(f"uploads/u9/{index:05d}", chunks_of(part, size=MIB))
+    calls.clear()
+    info = await store.concatenate("blobs/99/joined", [f"uploads/u9/{i:05d}" for i in range(3)])
+    joined = b"".join(parts)
+    assert (info.size, info.sha256) == (len(joined), sha256(joined))
+    assert calls["UploadPartCopy"] == 3
+    assert calls["UploadPart"] == calls["PutObject"] == 0  # no byte was sent back up
+    assert await read_all(store, "blobs/99/joined") == joined
+    assert await s3_place.leftovers() == [
+        "blobs/99/joined",
+        "uploads/u9/00000",
+        "uploads/u9/00001",
+        "uploads/u9/00002",
+    ]
+
+
+async def test_concatenate_streams_when_a_middle_part_is_small(s3_place: S3Place) -> None:
+    session, calls = counting_session()
+    store = s3_place.open(session=session)
+    parts = [os.urandom(5 * MIB), b"too small to be a middle part", os.urandom(5 * MIB)]
+    for index, part in enumerate(parts):
+        await store.write(f"uploads/ua/{index:05d}", chunks_of(part, size=MIB))
+    calls.clear()
+    info = await store.concatenate("blobs/aa/joined", [f"uploads/ua/{i:05d}" for i in range(3)])
+    assert calls["UploadPartCopy"] == 0
+    assert (info.size, info.sha256) == (sum(map(len, parts)), sha256(*parts))
+    assert await read_all(store, "blobs/aa/joined") == b"".join(parts)
+
+
+async def test_abort_stale_multipart_uploads_by_age(s3_place: S3Place) -> None:
+    admin, bucket = s3_place.admin, s3_place.server.bucket
+    mine = await admin.create_multipart_upload(Bucket=bucket, Key=f"{s3_place.prefix}/uploads/x")
+    # Another deployment's upload in the same bucket, outside this store's prefix.
+    theirs = await admin.create_multipart_upload(Bucket=bucket, Key=f"{s3_place.prefix}-other/y")
+    try:
+        listed = await admin.list_multipart_uploads(Bucket=bucket, Prefix=s3_place.prefix)
+        initiated = {u["UploadId"]: u["Initiated"] for u in listed.get("Uploads", [])}
+        started = initiated[mine["UploadId"]]  # the server's clock, whatever it says
+        now = started + timedelta(minutes=30)
+        store = s3_place.open(clock=lambda: now)
+
+        assert await store.abort_stale_multipart_uploads(timedelta(hours=1)) == 0
+        assert await s3_place.leftovers() == ["multipart:uploads/x"]
+
+        now = started + timedelta(hours=2)
+        assert await store.abort_stale_multipart_uploads(timedelta(hours=1)) == 1
+        assert await s3_place.leftovers() == []
+        remaining = await admin.list_multipart_uploads(Bucket=bucket, Prefix=s3_place.prefix)
+        assert [u["UploadId"] for u in remaining.get("Uploads", [])] == [theirs["UploadId"]]
+    finally:
+        await admin.abort_multipart_upload(
+            Bucket=bucket, Key=theirs["Key"], UploadId=theirs["UploadId"]
+        )
+
+
+@pytest.fixture
+def refusing_endpoint() -> Iterator[str]:
+    """An endpoint whose port is bound but not listening: connections are refused at once."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+async def test_an_unreachable_store_is_unavailable(
+    s3_place: S3Place, refusing_endpoint: str
+) -> None:
+    store = s3_place.open(endpoint_url=refusing_endpoint, max_attempts=1)
+    operations: list[Callable[[], Awaitable[object]]] = [
+        store.ping,
+        lambda: store.stat("k"),
+        lambda: read_all(store, "k"),
+        lambda: store.write("k", chunks_of(b"data")),
+        lambda: store.delete("k"),
+        lambda: listed(store),
+        lambda: store.concatenate("k", ["a", "b"]),
+        lambda: store.abort_stale_multipart_uploads(timedelta(days=1)),
+    ]
+    for operation in operations:
+        with pytest.raises(BlobStoreUnavailableError) as caught:
+            await operation()
+        assert caught.value.status == 503
+        assert refusing_endpoint not in caught.value.detail  # where the store lives is private
+
+
+async def test_a_missing_bucket_is_unavailable(s3_server: S3Server) -> None:
+    store = S3BlobStore(
+        "no-such-bucket-here",
+        endpoint_url=s3_server.endpoint,
+        credentials=s3_server.credentials,
+        max_attempts=1,
+    )
+    try:
+        with pytest.raises(BlobStoreUnavailableError):
+            await store.ping()
+        with pytest.raises(BlobStoreUnavailableError):
+            await store.write("k", chunks_of(b"data"))
+    finally:
+        await store.close()
+
+
+async def test_credentials_from_the_environment(
+    s3_place: S3Place, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_place.server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_place.server.secret_key)
+    url = s3_place.server.url(s3_place.prefix, credentials=False)
+    store = open_blob_store(url)
+    try:
+        await store.write("env/creds", chunks_of(b"signed with the environment's keys"))
+        assert await read_all(store, "env/creds") == b"signed with the environment's keys"
+    finally:
+        await store.close()
+
+
+async def test_a_closed_store_refuses_work(s3_place: S3Place) -> None:
+    store = s3_place.open()
+    await store.ping()
+    await store.close()
+    with pytest.raises(BlobStoreUnavailableError):
+        await store.stat("k")

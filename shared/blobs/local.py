@@ -1,26 +1,4 @@
-"""The blob store port: where video files and upload chunks live.
-
-``BlobStore`` is the protocol; ``open_blob_store(url)`` picks the adapter:
-
-- ``file:///abs/path`` or ``file://./relative``: ``LocalBlobStore``, files under one root.
-- ``s3://bucket?endpoint=...``: not built yet. The protocol is shaped for it: ``write``
-  is one PUT (or a multipart upload of its chunks), ``read`` a ranged GET,
-  ``concatenate`` a multipart upload whose parts are server-side copies of the part
-  blobs (upload chunks are ≥ 8 MiB, above S3's 5 MiB minimum part), and ``local_path``
-  returns None so callers stream instead of using sendfile.
-
-Keys are relative, slash-separated names (``blobs/ab/abcdef...``, ``uploads/<id>/00001``)
-checked by ``validate_key`` in every adapter, so that an id taken from a request can never
-name anything outside the store. Writes are atomic: a blob is either all there or absent,
-whatever the writer's source does.
-
-Errors, all ``AppError`` so that one reaching a client becomes the right problem document:
-
-    InvalidBlobKeyError        400  the key breaks the naming rule
-    BlobNotFoundError          404  no blob under that key
-    BlobTooLargeError          413  a write went past its ``max_bytes``
-    BlobStoreUnavailableError  503  the store cannot be used (``ping``)
-"""
+"""The local-disk blob store: files under one root folder, renamed into place when whole."""
 
 from __future__ import annotations
 
@@ -29,162 +7,30 @@ import contextlib
 import errno
 import hashlib
 import os
-import re
 import secrets
 import stat as stat_module
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Protocol, TypeVar
-from urllib.parse import unquote, urlsplit
+from typing import IO, TypeVar
 
-from shared.errors import (
-    BadRequestError,
-    ConfigError,
-    NotFoundError,
-    PayloadTooLargeError,
-    ServiceUnavailableError,
+from shared.blobs.port import (
+    CHUNK_SIZE,
+    BlobInfo,
+    BlobNotFoundError,
+    BlobStoreUnavailableError,
+    BlobTooLargeError,
+    InvalidBlobKeyError,
+    validate_key,
+    validate_prefix,
 )
-
-__all__ = [
-    "CHUNK_SIZE",
-    "BlobInfo",
-    "BlobNotFoundError",
-    "BlobStore",
-    "BlobStoreUnavailableError",
-    "BlobTooLargeError",
-    "InvalidBlobKeyError",
-    "LocalBlobStore",
-    "open_blob_store",
-    "validate_key",
-]
 
 T = TypeVar("T")
 
-MIB = 1024 * 1024
-# The unit of every piece of file I/O: large enough that the thread hop costs little,
-# small enough that memory per stream stays flat and the event loop is never held long.
-CHUNK_SIZE = MIB
-
-# S3's limit on key length, and the usual file-system limit on one name.
-MAX_KEY_LENGTH = 1024
-MAX_SEGMENT_LENGTH = 255
-_SEGMENT_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
-_PREFIX_RE = re.compile(r"[A-Za-z0-9._/-]*")
-# Names starting with a dot are never keys (the rule above), so temporary files can use
-# them without ever colliding with a blob or showing up in ``list``.
+# Names starting with a dot are never keys (the rule in ``validate_key``), so temporary
+# files can use them without ever colliding with a blob or showing up in ``list``.
 _TEMP_PREFIX = ".tmp-"
-
-
-class InvalidBlobKeyError(BadRequestError):
-    code = "invalid_blob_key"
-
-
-class BlobNotFoundError(NotFoundError):
-    code = "blob_not_found"
-
-
-class BlobTooLargeError(PayloadTooLargeError):
-    code = "blob_too_large"
-
-
-class BlobStoreUnavailableError(ServiceUnavailableError):
-    code = "blob_store_unavailable"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BlobInfo:
-    """What a store knows about one blob.
-
-    ``sha256`` (lower-case hex) is set by ``write`` and ``concatenate``, which see every
-    byte; ``stat`` leaves it None rather than read the blob back.
-    """
-
-    key: str
-    size: int
-    sha256: str | None = None
-    modified: datetime | None = None
-
-
-def validate_key(key: str) -> str:
-    """Returns ``key`` if it is a valid blob key, else raises ``InvalidBlobKeyError``.
-
-    A key is one or more ``/``-separated segments of ``[A-Za-z0-9._-]``; no segment is
-    empty or starts with a dot (so no ``.`` or ``..``), and there is no leading ``/``.
-    """
-    if not key or len(key) > MAX_KEY_LENGTH:
-        raise InvalidBlobKeyError(f"A blob key must be 1 to {MAX_KEY_LENGTH} characters.")
-    for segment in key.split("/"):
-        if len(segment) > MAX_SEGMENT_LENGTH or not _SEGMENT_RE.fullmatch(segment):
-            raise InvalidBlobKeyError(f"{key!r} is not a valid blob key.")
-    return key
-
-
-def _validate_prefix(prefix: str) -> str:
-    # A prefix may end mid-segment ("uploads/ab") or with "/", but obeys the key rules
-    # for every segment it completes.
-    if len(prefix) > MAX_KEY_LENGTH or not _PREFIX_RE.fullmatch(prefix):
-        raise InvalidBlobKeyError(f"{prefix!r} is not a valid blob key prefix.")
-    complete = prefix.split("/")[:-1]
-    if any(not _SEGMENT_RE.fullmatch(segment) for segment in complete) or prefix.startswith("."):
-        raise InvalidBlobKeyError(f"{prefix!r} is not a valid blob key prefix.")
-    return prefix
-
-
-class BlobStore(Protocol):
-    """Byte blobs under string keys. Every method validates its keys first."""
-
-    async def write(
-        self, key: str, chunks: AsyncIterable[bytes], *, max_bytes: int | None = None
-    ) -> BlobInfo:
-        """Stores the bytes ``chunks`` yields under ``key``, replacing any blob there.
-
-        Atomic: if ``chunks`` raises, or yields more than ``max_bytes`` (which raises
-        ``BlobTooLargeError`` without reading further), nothing new is left behind.
-        """
-        ...
-
-    def read(
-        self, key: str, *, offset: int = 0, length: int | None = None, chunk_size: int = CHUNK_SIZE
-    ) -> AsyncIterator[bytes]:
-        """Streams ``length`` bytes (all, if None) from ``offset``, in pieces ≤ ``chunk_size``.
-
-        A range past the end is cut at the end (an ``offset`` at or past it yields
-        nothing). Raises ``BlobNotFoundError`` on the first iteration if there is no blob.
-        """
-        ...
-
-    async def stat(self, key: str) -> BlobInfo | None:
-        """Size and modification time of ``key``, or None if there is no such blob."""
-        ...
-
-    def local_path(self, key: str) -> Path | None:
-        """The file holding ``key`` (it may not exist) for sendfile; None if not local."""
-        ...
-
-    async def delete(self, key: str) -> bool:
-        """Removes ``key``; False if it was already absent."""
-        ...
-
-    async def concatenate(self, target_key: str, part_keys: Sequence[str]) -> BlobInfo:
-        """Writes the parts, in the given order, as one blob under ``target_key``.
-
-        Atomic like ``write``; the parts stay. Raises ``BlobNotFoundError`` if a part is
-        missing.
-        """
-        ...
-
-    def list(self, prefix: str = "") -> AsyncIterator[str]:
-        """Keys that start with ``prefix`` (a string prefix, as in S3), in sorted order."""
-        ...
-
-    async def ping(self) -> None:
-        """Returns if the store is usable; raises ``BlobStoreUnavailableError`` if not."""
-        ...
-
-    async def close(self) -> None: ...
 
 
 class LocalBlobStore:
@@ -270,7 +116,7 @@ class LocalBlobStore:
         return BlobInfo(key=target_key, size=writer.size, sha256=writer.sha256(), modified=modified)
 
     async def list(self, prefix: str = "") -> AsyncIterator[str]:
-        _validate_prefix(prefix)
+        validate_prefix(prefix)
         folder, _, _ = prefix.rpartition("/")
         # Depth first, one folder per thread hop, siblings sorted with a folder as
         # "name/": that yields keys in plain string order, the order S3 lists in.
@@ -300,6 +146,11 @@ class LocalBlobStore:
             raise BlobStoreUnavailableError(f"The blob store is unusable: {exc}") from exc
         if not usable:
             raise BlobStoreUnavailableError("The blob store's folder is missing or read-only.")
+
+    async def abort_stale_multipart_uploads(self, older_than: timedelta) -> int:
+        # A write here is one temporary file; nothing outlives a failed write but the
+        # file of a killed process, which ``list`` never shows.
+        return 0
 
     async def close(self) -> None:
         # Waits for pieces in flight (milliseconds each) so no thread outlives the store.
@@ -477,19 +328,3 @@ def _may_hold_prefix(relative: str, is_folder: bool, prefix: str) -> bool:
 
 def _is_writable_folder(folder: Path) -> bool:
     return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
-
-
-def open_blob_store(url: str) -> BlobStore:
-    """The store for ``url``: ``file:///abs/path`` or ``file://./relative`` (to the cwd)."""
-    parts = urlsplit(url)
-    if parts.scheme == "file":
-        if parts.netloc not in ("", ".", "localhost") or not parts.path:
-            raise ConfigError(
-                "VOD_BLOB_URL", "a file URL is file:///absolute/path or file://./relative/path"
-            )
-        path = unquote(parts.path)
-        root = Path("." + path) if parts.netloc == "." else Path(path)
-        return LocalBlobStore(root)
-    if parts.scheme == "s3":
-        raise ConfigError("VOD_BLOB_URL", "s3:// blob stores are not supported yet")
-    raise ConfigError("VOD_BLOB_URL", f"scheme {parts.scheme or '(none)'!r} is not file or s3")
