@@ -8,16 +8,18 @@
     await bus.close()
 
 Delivery is at least once: a handler that returns acks its message, one that raises has
-it delivered again after a growing delay, and after ``max_attempts`` failures it waits in
-the queue's parking queue for an operator. Handlers must therefore be idempotent
-(deduplicate on ``Event.id``). ``amqp://`` and ``amqps://`` URLs give ``RabbitBus``;
-``memory://NAME`` gives ``MemoryBus``, with the same semantics inside one process.
+it delivered again after a growing delay, and after ``max_attempts`` failures (at once,
+for ``PermanentError``) it waits in the queue's parking queue for an operator. Handlers
+must therefore be idempotent (deduplicate on ``Event.id``). ``amqp://`` and ``amqps://``
+URLs give ``RabbitBus``; ``memory://NAME`` gives ``MemoryBus``, with the same semantics
+inside one process.
 
 Errors::
 
     ServiceUnavailableError (shared.errors, 503)
     └── BusUnavailableError    the broker is down or the bus closed; raised in bounded time
     BusTopologyError           a queue exists with other arguments (a deployment problem)
+    PermanentError             raised by a handler: park this message now, do not retry
     ValueError
     └── MalformedEventError    a body that is not an event (consumers park it)
 """
@@ -38,6 +40,7 @@ from shared.bus.port import (
     MessageBus,
     Outcome,
     ParkedMessage,
+    PermanentError,
     Subscription,
 )
 from shared.bus.rabbit import DEFAULT_TIMEOUT, RabbitBus, RabbitSubscription
@@ -56,6 +59,7 @@ __all__ = [
     "MessageBus",
     "Outcome",
     "ParkedMessage",
+    "PermanentError",
     "RabbitBus",
     "RabbitSubscription",
     "Subscription",

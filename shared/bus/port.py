@@ -52,6 +52,12 @@ class BusTopologyError(Exception):
     """
 
 
+class PermanentError(Exception):
+    """Raised by a handler for a message that can never succeed (a payload that breaks a
+    rule, a file that cannot be decoded): the message is parked at once, not retried.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """How one delivery was settled; reported to ``subscribe(on_outcome=...)`` for metrics."""
@@ -102,7 +108,8 @@ class MessageBus(Protocol):
 
     Queues are durable and named ``{namespace}.{queue}``; a handler that raises has its
     message delivered again after the next delay of ``retry_delays``, and after
-    ``max_attempts`` failed runs the message moves to ``{namespace}.{queue}.parked``.
+    ``max_attempts`` failed runs (or at once, if it raised ``PermanentError``) the message
+    moves to ``{namespace}.{queue}.parked``.
     """
 
     @property
@@ -282,6 +289,11 @@ def parked_headers(
     result[PARKED_AT_HEADER] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     result.setdefault(ROUTING_KEY_HEADER, routing_key)
     return result
+
+
+def next_step_after(spec: QueueSpec, failures: int, exc: BaseException) -> tuple[str, float] | None:
+    """``spec.next_step``, except that a ``PermanentError`` goes straight to parking."""
+    return None if isinstance(exc, PermanentError) else spec.next_step(failures)
 
 
 def describe(exc: BaseException) -> str:

@@ -60,6 +60,7 @@ from shared.bus.port import (
     attempts_of,
     check_name,
     describe,
+    next_step_after,
     outgoing_headers,
     parked_headers,
     parked_message,
@@ -470,7 +471,7 @@ class RabbitSubscription:
         exc: Exception,
     ) -> None:
         error = describe(exc)
-        step = self._spec.next_step(failures)
+        step = next_step_after(self._spec, failures, exc)
         if step is None:
             logger.error(
                 "bus: %s %s failed %d times, parked",

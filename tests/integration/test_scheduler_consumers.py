@@ -1,0 +1,262 @@
+"""The consumer framework, on the embedded back ends and on MariaDB + RabbitMQ.
+
+The handlers' work is a real database change, a ``blobs`` row's ``ref_count`` going up by
+one per run, so "done once" is read from the database, not from the handler's memory.
+Retry delays are tens of milliseconds; tests wait on the bus's outcomes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from scheduler_service.consumers.base import ConsumerGroup, PermanentError, record_processed
+from scheduler_service.metrics import SchedulerMetrics
+from shared.bus import Event
+from shared.db.schema import blobs, processed_messages
+from shared.settings import Settings
+from tests.integration.test_scheduler_backends import (
+    BACKEND_KINDS,
+    WAIT,
+    Backends,
+    Recorder,
+    open_backends,
+)
+
+FAST_RETRY = (0.02, 0.05)
+
+
+@pytest.fixture(params=BACKEND_KINDS)
+async def backends(
+    request: pytest.FixtureRequest, make_settings: Callable[..., Settings]
+) -> AsyncIterator[Backends]:
+    async with open_backends(request, make_settings) as opened:
+        yield opened
+
+
+@dataclass
+class Consumers:
+    group: ConsumerGroup
+    recorder: Recorder
+    metrics: SchedulerMetrics
+
+
+@pytest.fixture
+async def consumers(backends: Backends) -> AsyncIterator[Consumers]:
+    """A consumer group with metrics of its own, reporting outcomes; closed at the end."""
+    recorder = Recorder()
+    metrics = SchedulerMetrics()
+    group = ConsumerGroup(backends.db, backends.bus, metrics=metrics, on_outcome=recorder.outcome)
+    yield Consumers(group, recorder, metrics)
+    await group.close(grace=1.0)
+
+
+class Counter:
+    """A handler whose work is one ``ref_count`` increment of a blobs row of its own."""
+
+    def __init__(self, backends: Backends, fail: Callable[[int], Exception | None]) -> None:
+        self.content_hash = secrets.token_hex(32)
+        backends.content_hashes.add(self.content_hash)
+        self.runs = 0
+        self._backends = backends
+        self._fail = fail
+
+    async def create(self) -> None:
+        async with self._backends.db.transaction() as conn:
+            await conn.execute(
+                blobs.insert().values(
+                    content_hash=self.content_hash, size=1, ref_count=0, created_at=_now()
+                )
+            )
+
+    async def handle(self, conn: AsyncConnection, _event: Event) -> None:
+        self.runs += 1
+        await conn.execute(
+            update(blobs)
+            .where(blobs.c.content_hash == self.content_hash)
+            .values(ref_count=blobs.c.ref_count + 1)
+        )
+        error = self._fail(self.runs)
+        if error is not None:
+            raise error
+
+    async def count(self) -> int:
+        async with self._backends.db.connect() as conn:
+            value = await conn.scalar(
+                select(blobs.c.ref_count).where(blobs.c.content_hash == self.content_hash)
+            )
+        assert value is not None
+        return int(value)
+
+
+async def counter(backends: Backends, fail: Callable[[int], Exception | None]) -> Counter:
+    made = Counter(backends, fail)
+    await made.create()
+    return made
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def processed(backends: Backends, consumer: str, message_id: str) -> int:
+    async with backends.db.connect() as conn:
+        value = await conn.scalar(
+            select(func.count())
+            .select_from(processed_messages)
+            .where(
+                processed_messages.c.consumer == consumer,
+                processed_messages.c.message_id == message_id,
+            )
+        )
+    return int(value or 0)
+
+
+def sample(metrics: SchedulerMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+async def test_a_redelivered_message_is_handled_once(
+    backends: Backends, consumers: Consumers
+) -> None:
+    work = await counter(backends, lambda _: None)
+    queue = backends.queue("once")
+    consumers.group.register(queue, ["job.once"], work.handle, retry_delays=FAST_RETRY)
+    await consumers.group.start()
+    event = Event.new("job.once", {})
+
+    # The same message twice: what a relay that crashed before its stamp does.
+    await backends.bus.publish(event)
+    await backends.bus.publish(event)
+    await consumers.recorder.until(lambda: len(consumers.recorder.results("acked")) == 2)
+
+    assert work.runs == 1
+    assert await work.count() == 1
+    assert await processed(backends, queue, event.id) == 1
+    metrics = consumers.metrics
+    assert sample(metrics, "vod_scheduler_duplicate_messages_total", queue=queue) == 1
+    assert sample(metrics, "vod_scheduler_messages_total", queue=queue, result="acked") == 2
+
+
+async def test_a_failed_run_leaves_no_trace_and_the_retry_does_the_work(
+    backends: Backends, consumers: Consumers
+) -> None:
+    recorder = consumers.recorder
+    # The work is done, then the handler fails: the increment must roll back with it.
+    work = await counter(backends, lambda run: RuntimeError("flaky") if run < 3 else None)
+    queue = backends.queue("flaky")
+    consumers.group.register(queue, ["job.flaky"], work.handle, retry_delays=FAST_RETRY)
+    await consumers.group.start()
+    event = Event.new("job.flaky", {})
+
+    await backends.bus.publish(event)
+    await recorder.until(lambda: bool(recorder.results("acked")))
+
+    assert [(o.result, o.attempt) for o in recorder.outcomes] == [
+        ("retried", 1),
+        ("retried", 2),
+        ("acked", 3),
+    ]
+    assert work.runs == 3
+    assert await work.count() == 1
+    assert await processed(backends, queue, event.id) == 1
+    assert await backends.bus.parked(queue) == []
+
+
+async def test_a_permanent_failure_is_parked_at_once(
+    backends: Backends, consumers: Consumers
+) -> None:
+    recorder = consumers.recorder
+    work = await counter(backends, lambda _: PermanentError("cannot decode the file"))
+    queue = backends.queue("doomed")
+    consumers.group.register(
+        queue, ["job.doomed"], work.handle, max_attempts=5, retry_delays=FAST_RETRY
+    )
+    await consumers.group.start()
+    event = Event.new("job.doomed", {})
+
+    await backends.bus.publish(event)
+    await recorder.until(lambda: bool(recorder.results("parked")))
+
+    assert [(o.result, o.attempt) for o in recorder.outcomes] == [("parked", 1)]
+    assert work.runs == 1
+    [parked] = await backends.bus.parked_messages(queue)
+    assert parked.event == event
+    assert parked.error == "PermanentError: cannot decode the file"
+    # Nothing of the failed run stays, so requeueing it later runs it afresh.
+    assert await work.count() == 0
+    assert await processed(backends, queue, event.id) == 0
+
+
+async def test_metrics_count_outcomes_and_queue_depths(
+    backends: Backends, consumers: Consumers
+) -> None:
+    recorder, metrics = consumers.recorder, consumers.metrics
+    gate = asyncio.Event()
+    started = asyncio.Event()
+
+    async def handle(_conn: AsyncConnection, event: Event) -> None:
+        if event.data.get("poison"):
+            raise PermanentError("poison")
+        started.set()
+        await gate.wait()
+
+    queue = backends.queue("measured")
+    consumers.group.register(queue, ["job.measured"], handle, prefetch=1, retry_delays=FAST_RETRY)
+    await consumers.group.start()
+    await backends.bus.publish(Event.new("job.measured", {"poison": True}))
+    await recorder.until(lambda: bool(recorder.results("parked")))
+    for n in range(3):
+        await backends.bus.publish(Event.new("job.measured", {"n": n}))
+    await asyncio.wait_for(started.wait(), WAIT)
+
+    # One message in the handler, two waiting behind it; one parked.
+    await consumers.group.refresh_depths()
+    assert sample(metrics, "vod_scheduler_queue_depth", queue=queue, state="ready") == 2
+    assert sample(metrics, "vod_scheduler_queue_depth", queue=queue, state="parked") == 1
+
+    gate.set()
+    await recorder.until(lambda: len(recorder.results("acked")) == 3)
+    await consumers.group.refresh_depths()
+
+    assert sample(metrics, "vod_scheduler_queue_depth", queue=queue, state="ready") == 0
+    assert sample(metrics, "vod_scheduler_messages_total", queue=queue, result="acked") == 3
+    assert sample(metrics, "vod_scheduler_messages_total", queue=queue, result="parked") == 1
+    assert sample(metrics, "vod_scheduler_messages_total", queue=queue, result="retried") is None
+
+
+async def test_record_processed_says_whether_a_message_is_new(backends: Backends) -> None:
+    async with backends.db.transaction() as conn:
+        assert await record_processed(conn, "batcher", "m1")
+        assert not await record_processed(conn, "batcher", "m1")
+        # Another consumer has its own record of the same message.
+        assert await record_processed(conn, "other", "m1")
+    with pytest.raises(PermanentError, match="longer than 64"):
+        async with backends.db.transaction() as conn:
+            await record_processed(conn, "batcher", "x" * 65)
+    backends.queues |= {"batcher", "other"}  # so that their rows are removed afterwards
+
+
+async def test_registration_rules(backends: Backends, consumers: Consumers) -> None:
+    group = consumers.group
+
+    async def handle(_conn: AsyncConnection, _event: Event) -> None:
+        return None
+
+    group.register(backends.queue("first"), ["job.first"], handle, retry_delays=FAST_RETRY)
+    with pytest.raises(ValueError, match="already registered"):
+        group.register("first", ["job.other"], handle)
+    with pytest.raises(ValueError, match="at most 64"):
+        group.register("q" * 65, ["job.long"], handle)
+    await group.start()
+
+    with pytest.raises(RuntimeError, match="before the group starts"):
+        group.register("late", ["job.late"], handle)
+    assert group.queues == ["first"]
