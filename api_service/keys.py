@@ -4,8 +4,10 @@ from aiohttp import web
 
 from api_service.services.sessions import SessionService
 from api_service.services.users import UserService
+from api_service.services.videos import VideoService
 from shared.auth import TokenSigner
 
 USERS = web.AppKey("users", UserService)
 SESSIONS = web.AppKey("sessions", SessionService)
 SIGNER = web.AppKey("signer", TokenSigner)
+VIDEOS = web.AppKey("videos", VideoService)

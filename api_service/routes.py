@@ -2,7 +2,7 @@
 
 from aiohttp import web
 
-from api_service.handlers import accounts
+from api_service.handlers import accounts, videos
 
 
 def setup_routes(app: web.Application) -> None:
@@ -11,6 +11,14 @@ def setup_routes(app: web.Application) -> None:
     # /users/me before /users/{username}: "me" is reserved and never a username.
     router.add_get("/api/v1/users/me", accounts.get_me, name="get_me")
     router.add_get("/api/v1/users/{username}", accounts.get_user, name="get_user")
+    router.add_get(
+        "/api/v1/users/{username}/videos", videos.list_user_videos, name="list_user_videos"
+    )
     router.add_post("/api/v1/sessions", accounts.create_session, name="create_session")
     router.add_post("/api/v1/sessions/refresh", accounts.refresh_session, name="refresh_session")
     router.add_delete("/api/v1/sessions", accounts.delete_session, name="delete_session")
+    router.add_post("/api/v1/videos", videos.create_video, name="create_video")
+    router.add_get("/api/v1/videos", videos.list_videos, name="list_videos")
+    router.add_get("/api/v1/videos/{video_id}", videos.get_video, name="get_video")
+    router.add_patch("/api/v1/videos/{video_id}", videos.update_video, name="update_video")
+    router.add_delete("/api/v1/videos/{video_id}", videos.delete_video, name="delete_video")

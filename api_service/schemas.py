@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,3 +78,108 @@ def parse_refresh_token(body: Any) -> str:
     if errors or token is None:
         raise ValidationError("A refresh_token is required.", errors=errors)
     return token
+
+
+TITLE_MAX = 200
+DESCRIPTION_MAX = 5000
+QUERY_MAX = 100
+LIMIT_DEFAULT = 20
+LIMIT_MAX = 100
+
+
+@dataclass(frozen=True, slots=True)
+class NewVideo:
+    title: str
+    description: str
+    upload_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListParams:
+    limit: int
+    cursor: str | None
+    author: str | None
+    query: str | None
+
+
+def _text_field(
+    data: dict[str, Any],
+    name: str,
+    errors: list[dict[str, str]],
+    *,
+    maximum: int,
+    minimum: int = 0,
+) -> str | None:
+    value = data.get(name)
+    if not isinstance(value, str):
+        errors.append({"field": name, "problem": "must be a string"})
+        return None
+    value = value.strip()
+    if not minimum <= len(value) <= maximum:
+        errors.append({"field": name, "problem": f"{minimum}-{maximum} characters"})
+        return None
+    return value
+
+
+def _no_unknown_fields(
+    data: dict[str, Any], allowed: frozenset[str], errors: list[dict[str, str]]
+) -> None:
+    errors.extend(
+        {"field": name, "problem": "is not a known field"} for name in data.keys() - allowed
+    )
+
+
+def parse_new_video(body: Any) -> NewVideo:
+    data = _object(body)
+    errors: list[dict[str, str]] = []
+    _no_unknown_fields(data, frozenset({"title", "description", "upload_id"}), errors)
+    title = _text_field(data, "title", errors, minimum=1, maximum=TITLE_MAX)
+    description = (
+        _text_field(data, "description", errors, maximum=DESCRIPTION_MAX)
+        if data.get("description") is not None
+        else ""
+    )
+    upload_id = _string_field(data, "upload_id", errors)
+    if errors or title is None or description is None or upload_id is None:
+        raise ValidationError("The video details are not valid.", errors=errors)
+    return NewVideo(title=title, description=description, upload_id=upload_id)
+
+
+def parse_video_changes(body: Any) -> dict[str, str]:
+    data = _object(body)
+    errors: list[dict[str, str]] = []
+    _no_unknown_fields(data, frozenset({"title", "description"}), errors)
+    changes: dict[str, str] = {}
+    if "title" in data:
+        title = _text_field(data, "title", errors, minimum=1, maximum=TITLE_MAX)
+        if title is not None:
+            changes["title"] = title
+    if "description" in data:
+        description = _text_field(data, "description", errors, maximum=DESCRIPTION_MAX)
+        if description is not None:
+            changes["description"] = description
+    if not changes and not errors:
+        errors.append({"field": "title", "problem": "send title, description or both"})
+    if errors:
+        raise ValidationError("The changes are not valid.", errors=errors)
+    return changes
+
+
+def parse_list_params(query: Mapping[str, str], *, allow_author: bool = True) -> ListParams:
+    errors: list[dict[str, str]] = []
+    raw_limit = query.get("limit", str(LIMIT_DEFAULT))
+    limit = LIMIT_DEFAULT
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIMIT_MAX:
+        errors.append({"field": "limit", "problem": f"a whole number 1-{LIMIT_MAX}"})
+    else:
+        limit = int(raw_limit)
+    cursor = query.get("cursor") or None
+    author = query.get("author") or None if allow_author else None
+    if author is not None and not USERNAME_RE.match(author):
+        errors.append({"field": "author", "problem": "is not a username"})
+    q = (query.get("q") or "").strip() or None
+    if q is not None and len(q) > QUERY_MAX:
+        errors.append({"field": "q", "problem": f"at most {QUERY_MAX} characters"})
+    if errors:
+        raise ValidationError("The list parameters are not valid.", errors=errors)
+    return ListParams(limit=limit, cursor=cursor, author=author, query=q)

@@ -23,8 +23,9 @@ if [[ -z "${VOD_JWT_PRIVATE_KEY:-}" ]]; then
   # Local convenience only: a dev key pair under ./var (made once). Production passes the
   # PEMs (or paths to them) in VOD_JWT_PRIVATE_KEY / VOD_JWT_PUBLIC_KEY.
   "$BIN/python" -c 'from pathlib import Path; from shared.auth import ensure_dev_keypair; ensure_dev_keypair(Path("var"))'
-  export VOD_JWT_PRIVATE_KEY=var/jwt-ed25519-private.pem
-  export VOD_JWT_PUBLIC_KEY=${VOD_JWT_PUBLIC_KEY:-var/jwt-ed25519-public.pem}
+  keys=var
+  export VOD_JWT_PRIVATE_KEY="$keys/jwt-ed25519-private.pem"
+  export VOD_JWT_PUBLIC_KEY="${VOD_JWT_PUBLIC_KEY:-$keys/jwt-ed25519-public.pem}"
 fi
 
 "$BIN/python" -m shared.db create-database

@@ -40,3 +40,50 @@ def chunk_key(upload_id: str, index: int) -> str:
 def upload_state_key(upload_id: str) -> str:
     """The Redis hash of an upload in progress; when it expires, the upload is abandoned."""
     return f"upload:{upload_id}"
+
+
+# An upload in Redis: the hash at upload_state_key (owner, sizes, content hash, state
+# "uploading" or "complete", expiry), the set of received indices beside it, and a lock
+# only while one replica assembles the file. The hash outlives completion by its TTL (the
+# database keeps the finished upload for good); a sweeper may delete the chunks of any
+# upload whose hash no longer exists.
+
+
+def is_upload_id(upload_id: str) -> bool:
+    """Whether ``upload_id`` could name an upload (checked before it reaches any key)."""
+    return bool(_UPLOAD_ID_RE.match(upload_id))
+
+
+def upload_received_key(upload_id: str) -> str:
+    """The Redis set of the chunk indices received so far; it expires with the upload."""
+    return f"{upload_state_key(upload_id)}:received"
+
+
+def upload_lock_key(upload_id: str) -> str:
+    """The Redis lease held by the one replica assembling an upload (a token, with a TTL)."""
+    return f"{upload_state_key(upload_id)}:lock"
+
+
+def upload_events_channel(upload_id: str) -> str:
+    """Pub/sub channel told when a completion attempt ends, so waiting callers look again."""
+    return f"{upload_state_key(upload_id)}:events"
+
+
+# The read-through cache of one video's public JSON (shared.cache.ReadThroughCache with
+# this prefix). Whoever changes a video row (api writes, the scheduler's media results)
+# deletes video_cache_key(id) after committing.
+VIDEO_CACHE_PREFIX = "video"
+
+
+def video_cache_key(video_id: str) -> str:
+    return f"cache:{VIDEO_CACHE_PREFIX}:{video_id}"
+
+
+# stream_service's own cached view of a video (hash, size, media type). The api deletes
+# it together with video_cache_key when a video changes or goes, so a deleted video stops
+# streaming at once.
+STREAM_CACHE_PREFIX = "stream"
+
+
+def stream_cache_key(video_id: str) -> str:
+    return f"cache:{STREAM_CACHE_PREFIX}:{video_id}"

@@ -49,7 +49,7 @@ class Settings:
     db_url: str = field(repr=False)
     redis_url: str = field(repr=False)
     amqp_url: str = field(repr=False)
-    blob_url: str
+    blob_url: str = field(repr=False)  # an s3:// URL may carry credentials
     api_url: str
     stream_url: str
     scheduler_url: str
@@ -69,6 +69,7 @@ class Settings:
     max_upload_bytes: int = 20 * GIB
     max_json_bytes: int = 64 * 1024
     stream_max_connections: int = 256
+    stream_max_per_client: int = 8
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 60.0
     shutdown_timeout: float = 30.0
@@ -121,6 +122,7 @@ class Settings:
             max_upload_bytes=reader.parse("VOD_MAX_UPLOAD_BYTES", str(20 * GIB), _positive_int),
             max_json_bytes=reader.parse("VOD_MAX_JSON_BYTES", str(64 * 1024), _positive_int),
             stream_max_connections=reader.parse("VOD_STREAM_MAX_CONNECTIONS", "256", _positive_int),
+            stream_max_per_client=reader.parse("VOD_STREAM_MAX_PER_CLIENT", "8", _positive_int),
             upstream_connect_timeout=reader.parse(
                 "VOD_UPSTREAM_CONNECT_TIMEOUT", "5", _positive_float
             ),

@@ -1,18 +1,42 @@
-"""The stream service's application factory. No I/O here: back ends open in cleanup_ctx."""
+"""The stream service's application factory. No I/O here: back ends open in cleanup_ctx.
+
+Chunk bodies are streamed to the blob store as they arrive and never read whole, so the
+app's ``client_max_size`` (the JSON limit) does not bound them; each chunk is bounded by
+its own expected length instead.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
+from prometheus_client import Counter
 
-from shared.resources import blobs_ctx, bus_ctx, database_ctx, kv_ctx
+from shared.resources import BLOBS, DB, KV, blobs_ctx, bus_ctx, database_ctx, kv_ctx
 from shared.settings import Settings
-from shared.web import CleanupContext, create_base_app
+from shared.web import METRICS, SETTINGS, CleanupContext, create_base_app
+from stream_service.keys import CATALOG, LIMITER, STREAM_METRICS, UPLOADED_BYTES, UPLOADS
+from stream_service.routes import setup_routes
+from stream_service.services.uploads import UploadService
+from stream_service.streaming.catalog import VideoCatalog
+from stream_service.streaming.limiter import StreamLimiter
+from stream_service.streaming.metrics import StreamMetrics
 
 SERVICE = "stream"
 # Dependency order: what a later context uses is opened by an earlier one.
 BACKEND_CONTEXTS: tuple[CleanupContext, ...] = (database_ctx, kv_ctx, bus_ctx, blobs_ctx)
+
+
+async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Builds the domain services over the opened back ends."""
+    app[UPLOADS] = UploadService(
+        db=app[DB],
+        kv=app[KV],
+        blobs=app[BLOBS],
+        max_upload_bytes=app[SETTINGS].max_upload_bytes,
+    )
+    app[CATALOG] = VideoCatalog(db=app[DB], blobs=app[BLOBS], kv=app[KV])
+    yield
 
 
 def create_app(
@@ -20,5 +44,21 @@ def create_app(
 ) -> web.Application:
     """The stream service. contexts is the test seam: pass fakes to avoid real back ends."""
     app = create_base_app(SERVICE, settings)
-    app.cleanup_ctx.extend(contexts)
+    app[UPLOADED_BYTES] = Counter(
+        "vod_uploaded_bytes_total",
+        "Upload chunk bytes stored",
+        ["service"],
+        registry=app[METRICS].registry,
+    ).labels(SERVICE)
+    metrics = StreamMetrics(app[METRICS].registry)
+    limiter = StreamLimiter(
+        capacity=settings.stream_max_connections,
+        per_client=settings.stream_max_per_client,
+        on_refused=metrics.refused.inc,
+    )
+    metrics.active.set_function(lambda: limiter.active)
+    app[STREAM_METRICS] = metrics
+    app[LIMITER] = limiter
+    app.cleanup_ctx.extend([*contexts, domain_ctx])
+    setup_routes(app)
     return app

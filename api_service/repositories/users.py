@@ -68,11 +68,3 @@ class UserRepository:
             await conn.execute(
                 update(users).where(users.c.id == user_id).values(password_hash=password_hash)
             )
-
-    async def video_count(self, user_id: str) -> int:
-        """How many videos ``user_id`` has published.
-
-        Always 0 until the videos table exists (the videos issue replaces this query).
-        """
-        del user_id
-        return 0

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from api_service.repositories.users import User, UserRepository
+from api_service.repositories.videos import VideoRepository
 from api_service.services.passwords import PasswordHasher
 from shared.auth import Identity
 from shared.db import Database, DuplicateKeyError, new_id
@@ -18,11 +19,13 @@ class UserService:
         *,
         db: Database,
         users: UserRepository,
+        videos: VideoRepository,
         hasher: PasswordHasher,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._db = db
         self._users = users
+        self._videos = videos
         self._hasher = hasher
         self._clock = clock
 
@@ -58,4 +61,4 @@ class UserService:
         user = await self._users.by_username(username)
         if user is None:
             raise NotFoundError(f"No user named {username!r}.", code="user_not_found")
-        return user, await self._users.video_count(user.id)
+        return user, await self._videos.count_by_owner(user.id)

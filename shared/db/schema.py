@@ -49,6 +49,8 @@ MYSQL_TABLE_OPTIONS: dict[str, Any] = {
     "mysql_collate": "utf8mb4_bin",
 }
 
+SEARCH_COLLATION = "utf8mb4_unicode_ci"
+
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
@@ -158,5 +160,65 @@ blobs = Table(
     Column("ref_count", Integer(), nullable=False, default=0, server_default=text("0")),
     Column("created_at", UtcDateTime(), nullable=False),
     Column("zero_since", UtcDateTime(), nullable=True, index=True),
+    **MYSQL_TABLE_OPTIONS,
+)
+
+# A finished upload, kept after its Redis state has expired: creating a video from an
+# upload_id reads it (whose it is, which file). Only finished uploads are rows; one in
+# progress lives in Redis. No foreign keys: the blob row may be collected and the user
+# removed without rewriting this history, and stream_service never reads users.
+uploads = Table(
+    "uploads",
+    metadata,
+    Column("id", CHAR(26), primary_key=True),
+    Column("owner_id", CHAR(26), nullable=False, index=True),
+    Column("filename", String(255), nullable=False),
+    Column("size", BigInteger(), nullable=False),
+    Column("content_hash", CHAR(64), nullable=False, index=True),
+    Column("chunk_size", Integer(), nullable=False),
+    # Completed by proving possession of a stored blob rather than by sending the bytes.
+    Column("instant", Boolean(), nullable=False, default=False, server_default=text("0")),
+    Column("state", String(16), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("completed_at", UtcDateTime(), nullable=True),
+    **MYSQL_TABLE_OPTIONS,
+)
+
+# A published video. Soft-deleted (deleted_at) first, so it leaves every read at once; the
+# scheduler removes the row later. Ids sort by creation time, so "newest first" is
+# ORDER BY id DESC and a cursor is the last id seen (stable under concurrent inserts).
+videos = Table(
+    "videos",
+    metadata,
+    Column("id", CHAR(26), primary_key=True),
+    Column("owner_id", CHAR(26), ForeignKey("users.id"), nullable=False),
+    # One video per finished upload: a second POST with the same upload is a conflict.
+    Column("upload_id", CHAR(26), nullable=False, unique=True),
+    # Case-insensitive on MySQL: FULLTEXT search follows the column's collation.
+    Column(
+        "title",
+        String(200).with_variant(
+            mysql.VARCHAR(200, collation=SEARCH_COLLATION), "mysql", "mariadb"
+        ),
+        nullable=False,
+    ),
+    Column(
+        "description",
+        Text().with_variant(mysql.TEXT(collation=SEARCH_COLLATION), "mysql", "mariadb"),
+        nullable=False,
+    ),
+    Column("content_hash", CHAR(64), nullable=False, index=True),
+    Column("size", BigInteger(), nullable=False),
+    Column("filename", String(255), nullable=False),
+    Column("status", String(16), nullable=False, server_default=text("'processing'")),
+    Column("failure_reason", String(500), nullable=True),
+    Column("duration_ms", BigInteger(), nullable=True),
+    Column("has_thumbnail", Boolean(), nullable=False, server_default=text("0")),
+    Column("comment_count", Integer(), nullable=False, server_default=text("0")),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Column("deleted_at", UtcDateTime(), nullable=True),
+    Index("ix_videos_owner_id_id", "owner_id", "id"),
+    Index("ix_videos_deleted_at_id", "deleted_at", "id"),
     **MYSQL_TABLE_OPTIONS,
 )

@@ -85,9 +85,15 @@ def _user(username: str = "alice") -> dict[str, object]:
     }
 
 
+# SQLite's full-text search (migration 0003) is a virtual table with shadow tables of its
+# own; they are an index, not part of the schema module.
+_SEARCH_INDEX_PREFIX = "videos_search"
+
+
 async def _table_names(db: Database) -> set[str]:
     async with db.connect() as conn:
-        return set(await conn.run_sync(lambda sync: inspect(sync).get_table_names()))
+        names = set(await conn.run_sync(lambda sync: inspect(sync).get_table_names()))
+    return {name for name in names if not name.startswith(_SEARCH_INDEX_PREFIX)}
 
 
 async def _revision(db: Database) -> str | None:

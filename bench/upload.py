@@ -1,0 +1,429 @@
+"""Upload throughput and stream_service memory: a 2 GiB file, 4 chunks in flight.
+
+Two paths, one run each, every figure beside its reference measured in the same run:
+
+- ``direct``: the client talks to ``python -m stream_service`` (internal token and
+  identity headers, as the gateway would send them);
+- ``gateway``: the same through ``python -m gateway`` with a signed access token.
+
+Both processes run as in production on the embedded back ends (SQLite, in-process Redis
+and bus) with blobs on local disk in a temporary folder. The file is generated chunk by
+chunk (never held whole): a pass computes its content hash and chunk checksums, the timed
+pass sends it. Throughput is MB/s (10^6 bytes, as ``dd`` prints) for the chunk PUTs alone,
+and end to end including ``complete`` (which reads the 2 GiB back, verifies the content
+hash and writes the file). The reference is ``dd if=/dev/zero bs=8M count=256
+conv=fdatasync`` into the same folder (the same disk), twice before and twice after; the
+ratios are to its median. Memory: resident set of each
+service process sampled every 20 ms (psutil) and the kernel's peak (VmHWM), beside the
+resident set just before the upload (after a warm-up upload).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+import psutil
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from shared.auth import TokenSigner
+from shared.content_hash import ContentHasher
+from shared.db import new_id
+
+NAME: Final = "upload"
+
+MIB: Final = 1024 * 1024
+CHUNK: Final = 8 * MIB
+# VOD_BENCH_UPLOAD_MIB picks another size (for quick comparisons); 2 GiB is the figure.
+FILE_BYTES: Final = int(os.environ.get("VOD_BENCH_UPLOAD_MIB", "2048")) * MIB
+WARM_UP_BYTES: Final = 64 * MIB
+PARALLEL: Final = 4
+SAMPLE_SECONDS: Final = 0.02
+HEALTH_TRIES: Final = 300
+ROOT: Final = Path(__file__).resolve().parents[1]
+DD_COMMAND: Final = "dd if=/dev/zero of={target} bs=8M count=256 conv=fdatasync"
+
+
+# -- the file ------------------------------------------------------------------------------
+
+
+class GeneratedFile:
+    """``size`` bytes made chunk by chunk from one random block and a per-chunk header, so
+    no two chunks (and no two runs' files, through ``salt``) are equal and no more than
+    one chunk per sender is ever in memory."""
+
+    def __init__(self, size: int, salt: int) -> None:
+        self.size = size
+        self.salt = salt
+        self.total_chunks = -(-size // CHUNK)
+        self._block = os.urandom(CHUNK)
+
+    def fill(self, buffer: bytearray, index: int) -> memoryview:
+        """Chunk ``index`` written into ``buffer`` (reused: first-touching fresh memory is
+        slow here); the view is valid until the next fill."""
+        length = min(CHUNK, self.size - index * CHUNK)
+        buffer[:] = self._block
+        buffer[:16] = self.salt.to_bytes(8, "big") + index.to_bytes(8, "big")
+        return memoryview(buffer)[:length]
+
+    def digests(self) -> tuple[str, list[str]]:
+        """The content hash and each chunk's SHA-256: what a client computes first."""
+        hasher = ContentHasher()
+        checksums = []
+        buffer = bytearray(CHUNK)
+        for index in range(self.total_chunks):
+            chunk = self.fill(buffer, index)
+            hasher.update(chunk)
+            checksums.append(hashlib.sha256(chunk).hexdigest())
+        return hasher.hexdigest(), checksums
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Service:
+    name: str
+    popen: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    @property
+    def process(self) -> psutil.Process:
+        return psutil.Process(self.popen.pid)
+
+    def vm_hwm(self) -> int:
+        """The kernel's peak resident set of the process, in bytes."""
+        status = Path(f"/proc/{self.popen.pid}/status").read_text()
+        match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+        if match is None:
+            raise RuntimeError(f"no VmHWM for {self.name}")
+        return int(match[1]) * 1024
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(30)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def start_service(module: str, env: Mapping[str, str], port: int, work: Path) -> Service:
+    log_path = work / f"{module}.log"
+    with log_path.open("wb") as log:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", module],
+            cwd=ROOT,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return Service(module, popen, f"http://127.0.0.1:{port}", log_path)
+
+
+async def wait_healthy(service: Service, session: aiohttp.ClientSession) -> None:
+    for _ in range(HEALTH_TRIES):
+        if service.popen.poll() is not None:
+            raise RuntimeError(f"{service.name} exited:\n{service.log_path.read_text()}")
+        try:
+            async with session.get(service.url + "/healthz") as response:
+                if response.status == 200:  # noqa: PLR2004
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)  # polling a process we do not control
+    raise RuntimeError(f"{service.name} never became healthy:\n{service.log_path.read_text()}")
+
+
+class RssSampler:
+    """Samples the resident set of processes in a thread, every ``SAMPLE_SECONDS``."""
+
+    def __init__(self, services: Mapping[str, Service]) -> None:
+        self._processes = {name: service.process for name, service in services.items()}
+        self.peaks = dict.fromkeys(services, 0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            for name, process in self._processes.items():
+                self.peaks[name] = max(self.peaks[name], process.memory_info().rss)
+            self._stop.wait(SAMPLE_SECONDS)
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        self._thread.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            self._thread.join()
+
+
+# -- the client ----------------------------------------------------------------------------
+
+
+@dataclass
+class Timings:
+    chunks_seconds: float = 0.0
+    complete_seconds: float = 0.0
+    chunk_latencies: list[float] = field(default_factory=list)
+
+
+async def upload(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    headers: Mapping[str, str],
+    file: GeneratedFile,
+    digests: tuple[str, list[str]],
+) -> Timings:
+    """Uploads ``file`` with ``PARALLEL`` chunks in flight; raises on any unexpected answer.
+
+    ``digests`` is ``file.digests()``, computed beforehand as a client does (untimed).
+    """
+    content_hash, checksums = digests
+    timings = Timings()
+    started = time.perf_counter()
+    async with session.post(
+        f"{base_url}/api/v1/uploads",
+        json={"filename": "bench.bin", "size": file.size, "content_hash": content_hash},
+        headers=headers,
+    ) as response:
+        if response.status != 201:  # noqa: PLR2004
+            raise RuntimeError(f"create: {response.status} {await response.text()}")
+        upload_id = (await response.json())["upload_id"]
+    indices: asyncio.Queue[int] = asyncio.Queue()
+    for index in range(file.total_chunks):
+        indices.put_nowait(index)
+
+    async def sender() -> None:
+        buffer = bytearray(CHUNK)
+        while not indices.empty():
+            index = indices.get_nowait()
+            # BytesIO: aiohttp streams it in pieces instead of one 8 MiB write.
+            body = io.BytesIO(file.fill(buffer, index))
+            sent = time.perf_counter()
+            async with session.put(
+                f"{base_url}/api/v1/uploads/{upload_id}/chunks/{index}",
+                data=body,
+                headers={**headers, "X-Chunk-SHA256": checksums[index]},
+            ) as response:
+                if response.status != 204:  # noqa: PLR2004
+                    raise RuntimeError(f"chunk {index}: {response.status} {await response.text()}")
+            timings.chunk_latencies.append(time.perf_counter() - sent)
+
+    await asyncio.gather(*(sender() for _ in range(PARALLEL)))
+    timings.chunks_seconds = time.perf_counter() - started
+    completing = time.perf_counter()
+    async with session.post(
+        f"{base_url}/api/v1/uploads/{upload_id}/complete", headers=headers
+    ) as response:
+        body = await response.json()
+        if response.status != 200 or body["content_hash"] != content_hash:  # noqa: PLR2004
+            raise RuntimeError(f"complete: {response.status} {body}")
+    timings.complete_seconds = time.perf_counter() - completing
+    return timings
+
+
+# -- the reference -------------------------------------------------------------------------
+
+
+def dd_reference(folder: Path) -> dict[str, Any]:
+    target = folder / "dd.bin"
+    command = DD_COMMAND.format(target=target)
+    started = time.perf_counter()
+    completed = subprocess.run(command.split(), capture_output=True, text=True, check=True)
+    seconds = time.perf_counter() - started
+    target.unlink()
+    written = 256 * CHUNK  # bs=8M count=256
+    return {
+        "command": command,
+        "bytes": written,
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(written / seconds / 1e6, 1),
+        "dd_says": completed.stderr.strip().splitlines()[-1],
+    }
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+def mb_per_s(size: int, seconds: float) -> float:
+    return round(size / seconds / 1e6, 1)
+
+
+def mib(size: int) -> float:
+    return round(size / MIB, 1)
+
+
+async def measure(work: Path) -> dict[str, Any]:
+    key = Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    signer = TokenSigner(private_pem)
+    stream_port, gateway_port = free_port(), free_port()
+    internal_token = secrets.token_urlsafe(24)
+    common = {
+        "VOD_DB_URL": f"sqlite+aiosqlite:///{work}/vod.db",
+        "VOD_DB_MIGRATE": "1",
+        "VOD_REDIS_URL": "memory://",
+        "VOD_AMQP_URL": "memory://",
+        "VOD_BLOB_URL": f"file://{work}/blobs",
+        "VOD_INTERNAL_TOKEN": internal_token,
+        "VOD_HOST": "127.0.0.1",
+        "VOD_API_URL": f"http://127.0.0.1:{stream_port}",
+        "VOD_STREAM_URL": f"http://127.0.0.1:{stream_port}",
+        "VOD_SCHEDULER_URL": f"http://127.0.0.1:{stream_port}",
+        "VOD_STREAM_PORT": str(stream_port),
+        "VOD_GATEWAY_PORT": str(gateway_port),
+        "VOD_JWT_PUBLIC_KEY": signer.public_key_pem(),
+        "VOD_VAR_DIR": str(work / "var"),
+        "VOD_LOG_LEVEL": "WARNING",
+    }
+    stream = start_service("stream_service", common, stream_port, work)
+    gateway = start_service("gateway", common, gateway_port, work)
+    services = {"stream_service": stream, "gateway": gateway}
+    # One user on both paths; direct calls carry what the gateway would derive from the token.
+    token, owner = signer.issue(user_id=new_id(), username="bench", family_id=new_id())
+    paths = {
+        "direct": (stream.url, {"X-Internal-Token": internal_token, **owner.to_headers()}),
+        "gateway": (gateway.url, {"Authorization": f"Bearer {token}"}),
+    }
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=300)
+    runs = []
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for service in services.values():
+                await wait_healthy(service, session)
+            for salt, (path, (url, headers)) in enumerate(paths.items()):
+                warm_up = GeneratedFile(WARM_UP_BYTES, 1000 + salt)
+                await upload(session, url, headers, warm_up, warm_up.digests())
+                file = GeneratedFile(FILE_BYTES, salt)
+                digests = await asyncio.to_thread(file.digests)
+                baseline = {name: s.process.memory_info().rss for name, s in services.items()}
+                cpu_before = {name: s.process.cpu_times() for name, s in services.items()}
+                client_before = psutil.Process().cpu_times()
+                sampler = RssSampler(services)
+                with sampler.running():
+                    timings = await upload(session, url, headers, file, digests)
+                client_after = psutil.Process().cpu_times()
+                cpu = {
+                    name: round(sum(s.process.cpu_times()[:2]) - sum(cpu_before[name][:2]), 1)
+                    for name, s in services.items()
+                }
+                total = timings.chunks_seconds + timings.complete_seconds
+                latencies = sorted(timings.chunk_latencies)
+                runs.append(
+                    {
+                        "path": path,
+                        "chunks_seconds": round(timings.chunks_seconds, 2),
+                        "chunks_mb_per_s": mb_per_s(FILE_BYTES, timings.chunks_seconds),
+                        "complete_seconds": round(timings.complete_seconds, 2),
+                        "end_to_end_seconds": round(total, 2),
+                        "end_to_end_mb_per_s": mb_per_s(FILE_BYTES, total),
+                        "chunk_latency_p50_s": round(latencies[len(latencies) // 2], 3),
+                        "chunk_latency_max_s": round(latencies[-1], 3),
+                        "rss_baseline_mib": {n: mib(v) for n, v in baseline.items()},
+                        "rss_peak_mib": {n: mib(v) for n, v in sampler.peaks.items()},
+                        "rss_growth_mib": {
+                            n: mib(sampler.peaks[n] - baseline[n]) for n in services
+                        },
+                        "vm_hwm_mib": {n: mib(s.vm_hwm()) for n, s in services.items()},
+                        "cpu_seconds": cpu
+                        | {"client": round(sum(client_after[:2]) - sum(client_before[:2]), 1)},
+                    }
+                )
+    finally:
+        for service in services.values():
+            service.stop()
+    return {"runs": runs}
+
+
+def run() -> dict[str, Any]:
+    scratch = Path(tempfile.mkdtemp(prefix="vod-bench-upload-"))
+    try:
+        # Twice before and twice after: this disk's speed swings by 2-5x between runs.
+        references = [dd_reference(scratch) for _ in range(2)]
+        measured = asyncio.run(measure(scratch))
+        references += [dd_reference(scratch) for _ in range(2)]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    dd = statistics.median(reference["mb_per_s"] for reference in references)
+    for entry in measured["runs"]:
+        entry["chunks_vs_dd"] = round(entry["chunks_mb_per_s"] / dd, 2)
+        entry["end_to_end_vs_dd"] = round(entry["end_to_end_mb_per_s"] / dd, 2)
+    return {
+        "benchmark": NAME,
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "scratch_disk": str(Path(tempfile.gettempdir())),
+        },
+        "file_bytes": FILE_BYTES,
+        "chunk_bytes": CHUNK,
+        "parallel_chunks": PARALLEL,
+        "reference_dd_median_mb_per_s": dd,
+        "reference_dd": references,
+        "runs": measured["runs"],
+    }
+
+
+def summarize(result: dict[str, Any]) -> list[str]:
+    dd = ", ".join(str(r["mb_per_s"]) for r in result["reference_dd"])
+    lines = [
+        f"{result['file_bytes'] // MIB} MiB, {result['chunk_bytes'] // MIB} MiB chunks, "
+        f"{result['parallel_chunks']} in flight. Reference `dd bs=8M count=256 conv=fdatasync` "
+        f"on the same disk: median {result['reference_dd_median_mb_per_s']} MB/s "
+        f"(runs: {dd}; two before, two after).",
+        "",
+        "| path | chunks MB/s (x dd) | complete s | end to end MB/s (x dd) "
+        "| stream_service RSS base → peak MiB (VmHWM) | gateway RSS base → peak MiB "
+        "| CPU s stream / gateway / client |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        base, peak, hwm = r["rss_baseline_mib"], r["rss_peak_mib"], r["vm_hwm_mib"]
+        cpu = r["cpu_seconds"]
+        lines.append(
+            f"| {r['path']} | {r['chunks_mb_per_s']} ({r['chunks_vs_dd']}) "
+            f"| {r['complete_seconds']} | {r['end_to_end_mb_per_s']} ({r['end_to_end_vs_dd']}) "
+            f"| {base['stream_service']} → {peak['stream_service']} ({hwm['stream_service']}) "
+            f"| {base['gateway']} → {peak['gateway']} "
+            f"| {cpu['stream_service']} / {cpu['gateway']} / {cpu['client']} |"
+        )
+    return lines

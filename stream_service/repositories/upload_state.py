@@ -1,0 +1,332 @@
+"""Uploads in progress, in Redis (the layout is described in ``shared.layout``).
+
+Every change that reads before it writes is one Lua script, so replicas racing on one
+upload (two PUTs of the same chunk, two ``complete`` calls, a DELETE mid-upload, a PUT
+landing as the state expires) each act on one consistent view:
+
+- a chunk is recorded only while the upload exists, is not complete and is not being
+  assembled; recording refreshes the TTL of the hash and the set;
+- completion is a lease (``SET NX PX`` of a random token) taken only while the upload is
+  not complete; the holder renews it while it works and marks the upload complete;
+- a DELETE removes the state only while nobody holds the lease.
+
+Nothing here lives in process memory: any replica, or a restarted one, carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from shared.kv import KeyValueStore
+from shared.layout import (
+    upload_events_channel,
+    upload_lock_key,
+    upload_received_key,
+    upload_state_key,
+)
+
+UPLOADING = "uploading"
+COMPLETE = "complete"
+
+
+class ChunkOutcome(enum.StrEnum):
+    RECORDED = "recorded"
+    MISSING = "missing"
+    COMPLETE = "complete"
+    COMPLETING = "completing"
+
+
+class LeaseOutcome(enum.StrEnum):
+    ACQUIRED = "acquired"
+    MISSING = "missing"
+    COMPLETE = "complete"
+    BUSY = "busy"
+
+
+class DeleteOutcome(enum.StrEnum):
+    DELETED = "deleted"
+    MISSING = "missing"
+    COMPLETE = "complete"
+    COMPLETING = "completing"
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """The byte range an instant upload must hash to prove it has the file."""
+
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UploadState:
+    id: str
+    owner_id: str
+    filename: str
+    size: int
+    chunk_size: int
+    content_hash: str
+    state: str
+    created_at: datetime
+    expires_at: datetime
+    challenge: Challenge | None = None
+    completed_at: datetime | None = None
+
+    @property
+    def total_chunks(self) -> int:
+        return -(-self.size // self.chunk_size)
+
+    @property
+    def instant(self) -> bool:
+        return self.challenge is not None
+
+    @property
+    def complete(self) -> bool:
+        return self.state == COMPLETE
+
+    def chunk_length(self, index: int) -> int:
+        """How many bytes chunk ``index`` holds: ``chunk_size``, less for the last one."""
+        return min(self.chunk_size, self.size - index * self.chunk_size)
+
+
+# KEYS: state. ARGV: ttl_ms, then field, value pairs.
+_CREATE_LUA = """
+for i = 2, #ARGV, 2 do
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS: state, received, lock. ARGV: index, ttl_ms, expires_at.
+_RECORD_CHUNK_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
+if redis.call('HGET', KEYS[1], 'state') == 'complete' then return 'complete' end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 'completing' end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'expires_at', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 'recorded'
+"""
+
+# KEYS: state, lock. ARGV: token, lease_ms.
+_BEGIN_COMPLETION_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
+if redis.call('HGET', KEYS[1], 'state') == 'complete' then return 'complete' end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 'acquired' end
+return 'busy'
+"""
+
+# KEYS: lock. ARGV: token, lease_ms.
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS: lock. ARGV: token.
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: state, received, lock. ARGV: completed_at, ttl_ms, token.
+# Not conditional on the lease: the database already holds the finished upload, so
+# marking it complete is right whoever holds the lock now.
+_FINISH_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'complete')
+redis.call('HSET', KEYS[1], 'completed_at', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('DEL', KEYS[2])
+if redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
+return 1
+"""
+
+# KEYS: state, received, lock.
+_DELETE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
+if redis.call('HGET', KEYS[1], 'state') == 'complete' then return 'complete' end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 'completing' end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 'deleted'
+"""
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _encode(upload: UploadState) -> dict[str, str]:
+    fields = {
+        "owner_id": upload.owner_id,
+        "filename": upload.filename,
+        "size": str(upload.size),
+        "chunk_size": str(upload.chunk_size),
+        # Derivable, but stored so that other readers (sweeper, admin) need no arithmetic.
+        "total_chunks": str(upload.total_chunks),
+        "content_hash": upload.content_hash,
+        "state": upload.state,
+        "created_at": upload.created_at.isoformat(),
+        "expires_at": upload.expires_at.isoformat(),
+        "instant": "1" if upload.challenge else "0",
+    }
+    if upload.challenge is not None:
+        fields["challenge_offset"] = str(upload.challenge.offset)
+        fields["challenge_length"] = str(upload.challenge.length)
+    if upload.completed_at is not None:
+        fields["completed_at"] = upload.completed_at.isoformat()
+    return fields
+
+
+def _decode(upload_id: str, fields: dict[str, str]) -> UploadState:
+    challenge = None
+    if fields.get("instant") == "1":
+        challenge = Challenge(int(fields["challenge_offset"]), int(fields["challenge_length"]))
+    completed_at = fields.get("completed_at")
+    return UploadState(
+        id=upload_id,
+        owner_id=fields["owner_id"],
+        filename=fields["filename"],
+        size=int(fields["size"]),
+        chunk_size=int(fields["chunk_size"]),
+        content_hash=fields["content_hash"],
+        state=fields["state"],
+        created_at=datetime.fromisoformat(fields["created_at"]),
+        expires_at=datetime.fromisoformat(fields["expires_at"]),
+        challenge=challenge,
+        completed_at=datetime.fromisoformat(completed_at) if completed_at else None,
+    )
+
+
+class CompletionNotices:
+    """Messages on an upload's events channel, awaited with a timeout.
+
+    One pending read survives a timed-out wait (cancelling it would end the
+    subscription's iterator), so a caller can wait, look, and wait again.
+    """
+
+    def __init__(self, messages: AsyncIterator[str]) -> None:
+        self._messages = messages
+        self._next: asyncio.Task[str] | None = None
+
+    async def wait(self, within: float) -> None:
+        """Returns at the next notice, or after ``within`` seconds without one."""
+        if self._next is None:
+            self._next = asyncio.ensure_future(anext(self._messages))
+        done, _ = await asyncio.wait({self._next}, timeout=within)
+        if done:
+            self._next = None
+            # A closed subscription ends the wait as a notice would: the caller looks again.
+            with contextlib.suppress(StopAsyncIteration):
+                done.pop().result()
+
+    async def close(self) -> None:
+        if self._next is not None:
+            self._next.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await self._next
+
+
+class UploadStateStore:
+    """Upload state in Redis; see the module docstring for what each step guarantees."""
+
+    def __init__(self, kv: KeyValueStore) -> None:
+        self._kv = kv
+        self._create = kv.script(_CREATE_LUA)
+        self._record_chunk = kv.script(_RECORD_CHUNK_LUA)
+        self._begin_completion = kv.script(_BEGIN_COMPLETION_LUA)
+        self._renew = kv.script(_RENEW_LUA)
+        self._release = kv.script(_RELEASE_LUA)
+        self._finish = kv.script(_FINISH_LUA)
+        self._delete = kv.script(_DELETE_LUA)
+
+    async def create(self, upload: UploadState, *, ttl: float) -> None:
+        pairs = [item for field in _encode(upload).items() for item in field]
+        await self._create(keys=[upload_state_key(upload.id)], args=[_milliseconds(ttl), *pairs])
+
+    async def load(self, upload_id: str) -> UploadState | None:
+        fields = await self._kv.hgetall(upload_state_key(upload_id))
+        return _decode(upload_id, fields) if fields else None
+
+    async def received(self, upload_id: str) -> set[int]:
+        return {int(index) for index in await self._kv.smembers(upload_received_key(upload_id))}
+
+    async def is_received(self, upload_id: str, index: int) -> bool:
+        return await self._kv.sismember(upload_received_key(upload_id), str(index))
+
+    async def forget_chunks(self, upload_id: str, indices: list[int]) -> None:
+        """Takes ``indices`` out of the received set (their blobs were lost)."""
+        if indices:
+            await self._kv.srem(upload_received_key(upload_id), *indices)
+
+    async def is_completing(self, upload_id: str) -> bool:
+        return await self._kv.exists(upload_lock_key(upload_id))
+
+    async def record_chunk(
+        self, upload_id: str, index: int, *, ttl: float, expires_at: datetime
+    ) -> ChunkOutcome:
+        """Adds ``index`` to the received set (its blob must already be stored)."""
+        outcome = await self._record_chunk(
+            keys=self._keys(upload_id),
+            args=[index, _milliseconds(ttl), expires_at.isoformat()],
+        )
+        return ChunkOutcome(outcome)
+
+    async def begin_completion(self, upload_id: str, token: str, *, lease: float) -> LeaseOutcome:
+        outcome = await self._begin_completion(
+            keys=[upload_state_key(upload_id), upload_lock_key(upload_id)],
+            args=[token, _milliseconds(lease)],
+        )
+        return LeaseOutcome(outcome)
+
+    async def renew(self, upload_id: str, token: str, *, lease: float) -> bool:
+        """Extends the lease; False when ``token`` no longer holds it."""
+        renewed = await self._renew(
+            keys=[upload_lock_key(upload_id)], args=[token, _milliseconds(lease)]
+        )
+        return bool(renewed)
+
+    async def release(self, upload_id: str, token: str) -> None:
+        """Gives the lease up if ``token`` still holds it (a no-op after ``finish``)."""
+        await self._release(keys=[upload_lock_key(upload_id)], args=[token])
+
+    async def finish(
+        self, upload_id: str, token: str, *, completed_at: datetime, ttl: float
+    ) -> None:
+        """Marks the upload complete, drops its received set and the lease."""
+        await self._finish(
+            keys=self._keys(upload_id),
+            args=[completed_at.isoformat(), _milliseconds(ttl), token],
+        )
+
+    async def delete(self, upload_id: str) -> DeleteOutcome:
+        return DeleteOutcome(await self._delete(keys=self._keys(upload_id)))
+
+    async def announce(self, upload_id: str) -> None:
+        """Tells callers waiting on this upload that a completion attempt has ended."""
+        await self._kv.publish(upload_events_channel(upload_id), "completion-ended")
+
+    @contextlib.asynccontextmanager
+    async def notices(self, upload_id: str) -> AsyncIterator[CompletionNotices]:
+        async with self._kv.subscribe(upload_events_channel(upload_id)) as messages:
+            notices = CompletionNotices(messages)
+            try:
+                yield notices
+            finally:
+                await notices.close()
+
+    @staticmethod
+    def _keys(upload_id: str) -> list[str]:
+        return [
+            upload_state_key(upload_id),
+            upload_received_key(upload_id),
+            upload_lock_key(upload_id),
+        ]

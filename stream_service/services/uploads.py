@@ -1,0 +1,520 @@
+"""Chunked, parallel, resumable, deduplicated upload: the rules and the transaction.
+
+Where things are: the upload in progress in Redis (``UploadStateStore``), each received
+chunk as a blob under ``chunk_key``, the finished file once per content hash under
+``content_blob_key``, the finished upload in the ``uploads`` table. Nothing lives in
+this process, so any replica serves any request of any upload, and a restart loses
+nothing.
+
+Decisions a client can see:
+
+- An empty file is refused (400): it is not a video, and nothing could stream it.
+- A chunk is stored only whole and verified; a chunk received before is a no-op (its
+  bytes are still checked, so a client learns of a corrupted resend, but the first copy
+  stays).
+- ``complete`` is idempotent: once complete, every call answers the finished upload. Two
+  concurrent calls race for a lease; the loser waits for the winner and answers what it
+  achieved (or, if the winner failed, tries itself).
+- Instant upload is offered only when the stored file has the announced size. With a
+  different size the hash cannot be right, and answering anything else would tell the
+  caller the stored file's size: such an upload proceeds as a normal one (and will fail
+  its content-hash check unless the client sends matching bytes). An instant upload may
+  still be finished by sending its chunks instead of the proof.
+- Even when the file is stored already (dedup), the chunks of a normal upload are hashed
+  at completion: otherwise knowing a file's hash would be enough to claim it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterable, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+from shared.blobs import BlobNotFoundError, BlobStore, BlobStoreUnavailableError
+from shared.bus import Event
+from shared.db import Database, DuplicateKeyError, new_id
+from shared.errors import (
+    BadRequestError,
+    ConflictError,
+    ForbiddenError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UnprocessableError,
+    ValidationError,
+)
+from shared.events import UPLOAD_COMPLETED
+from shared.kv import KeyValueStore
+from shared.layout import chunk_key, content_blob_key, is_upload_id, upload_prefix
+from shared.outbox import add_event
+from stream_service.repositories.blob_rows import BlobRows
+from stream_service.repositories.upload_state import (
+    COMPLETE,
+    UPLOADING,
+    Challenge,
+    ChunkOutcome,
+    DeleteOutcome,
+    LeaseOutcome,
+    UploadState,
+    UploadStateStore,
+)
+from stream_service.repositories.uploads import UploadRecord, UploadRecords
+from stream_service.storage.read_ahead import read_ahead
+from stream_service.storage.verification import (
+    checked_chunk,
+    chunk_length_mismatch,
+    verified_concatenation,
+)
+
+logger = logging.getLogger(__name__)
+
+MIB: Final = 1024 * 1024
+DEFAULT_CHUNK_SIZE: Final = 8 * MIB
+# ≥ 8 MiB: every chunk but the last can be an S3 multipart part (5 MiB minimum).
+MIN_CHUNK_SIZE: Final = 8 * MIB
+# Large enough for fast links; small enough that a lost chunk costs little to resend.
+MAX_CHUNK_SIZE: Final = 64 * MIB
+# The instant-upload challenge: up to this many bytes at a random offset.
+CHALLENGE_BYTES: Final = MIB
+DEFAULT_STATE_TTL: Final = 24 * 3600.0
+# The assembling replica renews its lease well before this runs out; a replica that
+# dies mid-assembly blocks the upload for at most this long.
+DEFAULT_COMPLETION_LEASE: Final = 30.0
+# How long a second ``complete`` waits for the first before answering 409: under the
+# gateway's upstream read timeout (60 s by default).
+DEFAULT_COMPLETION_WAIT: Final = 20.0
+# A waiter looks again this often even without a notice (the holder may have died).
+NOTICE_RECHECK_SECONDS: Final = 2.0
+RETRY_AFTER_SECONDS: Final = 5
+# Pieces (4 MiB each) read and hashed ahead of the assembled file's writer, so reading and
+# writing overlap: 1.5-2x faster assembly here, for 16 MiB per completion in progress.
+ASSEMBLY_READ_AHEAD: Final = 4
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UploadView:
+    """An upload as a client sees it."""
+
+    id: str
+    state: str
+    filename: str
+    size: int
+    content_hash: str
+    chunk_size: int
+    total_chunks: int
+    received: list[int]
+    missing: list[int]
+    instant: bool
+    # Set while an instant upload waits for its proof.
+    challenge: Challenge | None
+    # None once complete: the finished upload is kept for good.
+    expires_at: datetime | None
+    completed_at: datetime | None
+
+
+def upload_not_found(upload_id: str) -> NotFoundError:
+    shown = upload_id if is_upload_id(upload_id) else "with that id"
+    return NotFoundError(f"No upload {shown}.", code="upload_not_found")
+
+
+def upload_complete() -> ConflictError:
+    return ConflictError(
+        "The upload is complete; it takes no more chunks and cannot be abandoned.",
+        code="upload_complete",
+    )
+
+
+def upload_completing() -> ConflictError:
+    return ConflictError(
+        "The upload is being assembled right now; ask for its state again shortly.",
+        code="upload_completing",
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+class UploadService:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        kv: KeyValueStore,
+        blobs: BlobStore,
+        max_upload_bytes: int,
+        state_ttl: float = DEFAULT_STATE_TTL,
+        completion_lease: float = DEFAULT_COMPLETION_LEASE,
+        completion_wait: float = DEFAULT_COMPLETION_WAIT,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        new_upload_id: Callable[[], str] = new_id,
+        randbelow: Callable[[int], int] = secrets.randbelow,
+    ) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._state = UploadStateStore(kv)
+        self._records = UploadRecords(db)
+        self._blob_rows = BlobRows()
+        self._max_upload_bytes = max_upload_bytes
+        self._ttl = state_ttl
+        self._lease = completion_lease
+        self._wait = completion_wait
+        self._clock = clock
+        self._new_upload_id = new_upload_id
+        self._randbelow = randbelow
+
+    # -- the five operations -----------------------------------------------------------
+
+    async def create(
+        self, owner_id: str, *, filename: str, size: int, content_hash: str, chunk_size: int
+    ) -> UploadView:
+        """A new upload (already validated in shape); instant when the file is stored."""
+        if size > self._max_upload_bytes:
+            raise PayloadTooLargeError(
+                f"The file is larger than the limit of {self._max_upload_bytes} bytes.",
+                code="upload_too_large",
+                extra={"max_bytes": self._max_upload_bytes},
+            )
+        stored = await self._blobs.stat(content_blob_key(content_hash))
+        challenge = None
+        if stored is not None and stored.size == size:
+            length = min(size, CHALLENGE_BYTES)
+            challenge = Challenge(offset=self._randbelow(size - length + 1), length=length)
+        now = self._clock()
+        upload = UploadState(
+            id=self._new_upload_id(),
+            owner_id=owner_id,
+            filename=filename,
+            size=size,
+            chunk_size=chunk_size,
+            content_hash=content_hash,
+            state=UPLOADING,
+            created_at=now,
+            expires_at=now + timedelta(seconds=self._ttl),
+            challenge=challenge,
+        )
+        await self._state.create(upload, ttl=self._ttl)
+        return _uploading_view(upload, received=set())
+
+    async def status(self, owner_id: str, upload_id: str) -> UploadView:
+        found = await self._find(owner_id, upload_id)
+        if isinstance(found, UploadRecord) or found.complete:
+            return _complete_view(found)
+        return _uploading_view(found, received=await self._state.received(upload_id))
+
+    async def put_chunk(
+        self,
+        owner_id: str,
+        upload_id: str,
+        index: int,
+        *,
+        checksum: str,
+        content_length: int | None,
+        body: AsyncIterable[bytes],
+    ) -> int:
+        """Stores chunk ``index`` from ``body``; returns the bytes stored (0 if a repeat)."""
+        upload = await self._find(owner_id, upload_id)
+        if isinstance(upload, UploadRecord) or upload.complete:
+            raise upload_complete()
+        if await self._state.is_completing(upload_id):
+            raise upload_completing()
+        if not 0 <= index < upload.total_chunks:
+            raise BadRequestError(
+                f"This upload has chunks 0 to {upload.total_chunks - 1}.",
+                code="chunk_index_out_of_range",
+                extra={"total_chunks": upload.total_chunks},
+            )
+        expected = upload.chunk_length(index)
+        # Refused before a byte is read when the client says up front it sends too much.
+        if content_length is not None and content_length != expected:
+            raise chunk_length_mismatch(expected, f"Content-Length is {content_length}")
+        chunk = checked_chunk(body, expected_length=expected, expected_sha256=checksum)
+        if await self._state.is_received(upload_id, index):
+            async for _ in chunk:
+                pass
+            return 0
+        key = chunk_key(upload_id, index)
+        # The blob first, then the index: an index in the set always has its bytes stored.
+        await self._blobs.write(key, chunk)
+        outcome = await self._state.record_chunk(
+            upload_id, index, ttl=self._ttl, expires_at=self._expiry()
+        )
+        if outcome is ChunkOutcome.MISSING:
+            # Deleted or expired while the bytes arrived: nothing would ever read them.
+            await self._blobs.delete(key)
+            raise upload_not_found(upload_id)
+        if outcome is ChunkOutcome.COMPLETE:
+            raise upload_complete()
+        if outcome is ChunkOutcome.COMPLETING:
+            # Not in the set the assembler works from; a retry after it gives up records it.
+            raise upload_completing()
+        return expected
+
+    async def complete(self, owner_id: str, upload_id: str, *, proof: str | None) -> UploadView:
+        """Assembles and verifies the file (or checks the instant-upload proof) once."""
+        deadline = time.monotonic() + self._wait
+        view = await self._attempt_completion(owner_id, upload_id, proof)
+        if view is not None:
+            return view
+        # Another request holds the lease: wait for its notice, then look again.
+        async with self._state.notices(upload_id) as notices:
+            while True:
+                view = await self._attempt_completion(owner_id, upload_id, proof)
+                if view is not None:
+                    return view
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise upload_completing()
+                await notices.wait(min(remaining, NOTICE_RECHECK_SECONDS))
+
+    async def delete(self, owner_id: str, upload_id: str) -> None:
+        found = await self._find(owner_id, upload_id)
+        if isinstance(found, UploadRecord) or found.complete:
+            raise upload_complete()
+        outcome = await self._state.delete(upload_id)
+        if outcome is DeleteOutcome.MISSING:
+            raise upload_not_found(upload_id)
+        if outcome is DeleteOutcome.COMPLETE:
+            raise upload_complete()
+        if outcome is DeleteOutcome.COMPLETING:
+            raise upload_completing()
+        # The state is gone first: a chunk landing now finds no upload and removes itself.
+        await self._drop_chunks(upload_id)
+
+    # -- completion ------------------------------------------------------------------
+
+    async def _attempt_completion(
+        self, owner_id: str, upload_id: str, proof: str | None
+    ) -> UploadView | None:
+        """The finished upload, or None while another request holds the lease."""
+        found = await self._find(owner_id, upload_id)
+        if isinstance(found, UploadRecord) or found.complete:
+            return _complete_view(found)
+        if proof is not None and not found.instant:
+            raise ValidationError(
+                "A proof answers an instant upload's challenge; this upload has none.",
+                errors=[{"field": "proof", "problem": "not expected for this upload"}],
+            )
+        token = secrets.token_hex(16)
+        outcome = await self._state.begin_completion(upload_id, token, lease=self._lease)
+        if outcome is LeaseOutcome.BUSY:
+            return None
+        if outcome is not LeaseOutcome.ACQUIRED:
+            # Finished or deleted between the look and the lease: the next look says which.
+            found = await self._find(owner_id, upload_id)
+            return _complete_view(found) if isinstance(found, UploadRecord) else None
+        try:
+            return await self._complete_with_lease(found, token, proof)
+        finally:
+            await self._state.release(upload_id, token)
+            await self._state.announce(upload_id)
+
+    async def _complete_with_lease(
+        self, upload: UploadState, token: str, proof: str | None
+    ) -> UploadView:
+        # Recorded already when a previous holder died between the commit and Redis.
+        record = await self._records.by_id(upload.id)
+        if record is None:
+            if proof is not None:
+                await self._check_proof(upload, proof)
+            else:
+                await self._assemble(upload, token)
+            record = await self._record(upload, instant=proof is not None)
+        await self._state.finish(
+            upload.id, token, completed_at=record.completed_at or self._clock(), ttl=self._ttl
+        )
+        await self._drop_chunks(upload.id)
+        return _complete_view(record)
+
+    async def _check_proof(self, upload: UploadState, proof: str) -> None:
+        challenge = upload.challenge
+        if challenge is None:  # excluded by the caller; kept for the type checker
+            raise ValidationError("This upload has no challenge to answer.")
+        digest = hashlib.sha256()
+        read = 0
+        try:
+            async for piece in self._blobs.read(
+                content_blob_key(upload.content_hash),
+                offset=challenge.offset,
+                length=challenge.length,
+            ):
+                digest.update(piece)
+                read += len(piece)
+        except BlobNotFoundError:
+            read = -1
+        if read != challenge.length:
+            # Collected since the challenge was made: the bytes must come the long way.
+            raise ConflictError(
+                "The stored copy of this file is gone; send the chunks and complete "
+                "without a proof.",
+                code="instant_unavailable",
+            )
+        if not hmac.compare_digest(digest.hexdigest(), proof):
+            raise UnprocessableError(
+                "The proof is not the SHA-256 of the challenged byte range.",
+                code="proof_mismatch",
+            )
+
+    async def _assemble(self, upload: UploadState, token: str) -> None:
+        missing = await self._missing_chunks(upload)
+        if missing:
+            raise ConflictError(
+                f"{len(missing)} of {upload.total_chunks} chunks are missing.",
+                code="chunks_missing",
+                extra={"missing": missing},
+            )
+        parts = [chunk_key(upload.id, index) for index in range(upload.total_chunks)]
+        stream = read_ahead(
+            verified_concatenation(
+                self._blobs,
+                parts,
+                content_hash=upload.content_hash,
+                size=upload.size,
+                after_part=self._lease_keeper(upload.id, token),
+            ),
+            depth=ASSEMBLY_READ_AHEAD,
+        )
+        target = content_blob_key(upload.content_hash)
+        stored = await self._blobs.stat(target)
+        try:
+            if stored is not None and stored.size == upload.size:
+                # Stored once already (dedup): verify the chunks, write nothing.
+                async for _ in stream:
+                    pass
+            else:
+                await self._blobs.write(target, stream)
+        except BlobNotFoundError:
+            # A chunk vanished under us (a sweeper, an operator): forget it, ask for it.
+            gone = [index for index, key in enumerate(parts) if await self._blobs.stat(key) is None]
+            await self._state.forget_chunks(upload.id, gone)
+            raise ConflictError(
+                f"{len(gone)} chunks were lost in storage; send them again.",
+                code="chunks_missing",
+                extra={"missing": gone},
+            ) from None
+
+    async def _missing_chunks(self, upload: UploadState) -> list[int]:
+        received = await self._state.received(upload.id)
+        return [index for index in range(upload.total_chunks) if index not in received]
+
+    def _lease_keeper(self, upload_id: str, token: str) -> Callable[[], Awaitable[None]]:
+        renewed_at = time.monotonic()
+
+        async def keep() -> None:
+            nonlocal renewed_at
+            if time.monotonic() - renewed_at < self._lease / 3:
+                return
+            if not await self._state.renew(upload_id, token, lease=self._lease):
+                # Stalled past the lease and someone took over: stop, leave it to them.
+                raise upload_completing()
+            renewed_at = time.monotonic()
+
+        return keep
+
+    async def _record(self, upload: UploadState, *, instant: bool) -> UploadRecord:
+        """The blob row, the finished upload and its event, in one transaction."""
+        now = self._clock()
+        record = UploadRecord(
+            id=upload.id,
+            owner_id=upload.owner_id,
+            filename=upload.filename,
+            size=upload.size,
+            content_hash=upload.content_hash,
+            chunk_size=upload.chunk_size,
+            instant=instant,
+            state=COMPLETE,
+            created_at=upload.created_at,
+            completed_at=now,
+        )
+        event = Event.new(
+            UPLOAD_COMPLETED,
+            {
+                "upload_id": upload.id,
+                "owner_id": upload.owner_id,
+                "content_hash": upload.content_hash,
+                "size": upload.size,
+                "filename": upload.filename,
+            },
+        )
+        try:
+            async with self._db.transaction() as conn:
+                await self._blob_rows.keep(
+                    conn, content_hash=upload.content_hash, size=upload.size, now=now
+                )
+                await self._records.add(conn, record)
+                await add_event(conn, event)
+        except DuplicateKeyError:
+            existing = await self._records.by_id(upload.id)
+            if existing is None:
+                raise
+            return existing
+        return record
+
+    # -- helpers ---------------------------------------------------------------------
+
+    async def _find(self, owner_id: str, upload_id: str) -> UploadState | UploadRecord:
+        """The upload in progress (Redis) or finished (its durable record, the truth once
+        it exists); 404 if neither, 403 if not yours."""
+        if not is_upload_id(upload_id):
+            raise upload_not_found(upload_id)
+        found: UploadState | UploadRecord | None = await self._state.load(upload_id)
+        if found is None or found.complete:
+            found = await self._records.by_id(upload_id) or found
+        if found is None:
+            raise upload_not_found(upload_id)
+        if found.owner_id != owner_id:
+            raise ForbiddenError("This upload belongs to someone else.", code="upload_forbidden")
+        return found
+
+    async def _drop_chunks(self, upload_id: str) -> None:
+        """Deletes every chunk blob of the upload; failures are left to the sweeper."""
+        try:
+            keys = [key async for key in self._blobs.list(upload_prefix(upload_id))]
+            for key in keys:
+                await self._blobs.delete(key)
+        except (OSError, BlobStoreUnavailableError) as exc:
+            # The upload's state says what happened; the sweeper removes the leftovers
+            # once that state expires.
+            logger.warning("could not remove the chunks of upload %s: %r", upload_id, exc)
+
+    def _expiry(self) -> datetime:
+        return self._clock() + timedelta(seconds=self._ttl)
+
+
+def _uploading_view(upload: UploadState, *, received: set[int]) -> UploadView:
+    total = upload.total_chunks
+    return UploadView(
+        id=upload.id,
+        state=UPLOADING,
+        filename=upload.filename,
+        size=upload.size,
+        content_hash=upload.content_hash,
+        chunk_size=upload.chunk_size,
+        total_chunks=total,
+        received=sorted(index for index in received if 0 <= index < total),
+        missing=[index for index in range(total) if index not in received],
+        instant=upload.instant,
+        challenge=upload.challenge,
+        expires_at=upload.expires_at,
+        completed_at=None,
+    )
+
+
+def _complete_view(upload: UploadState | UploadRecord) -> UploadView:
+    return UploadView(
+        id=upload.id,
+        state=COMPLETE,
+        filename=upload.filename,
+        size=upload.size,
+        content_hash=upload.content_hash,
+        chunk_size=upload.chunk_size,
+        total_chunks=upload.total_chunks,
+        received=list(range(upload.total_chunks)),
+        missing=[],
+        instant=upload.instant,
+        challenge=None,
+        expires_at=None,
+        completed_at=upload.completed_at,
+    )

@@ -1,0 +1,1 @@
+"""Serving a stored video: RFC 9110 ranges, conditional requests, sendfile."""

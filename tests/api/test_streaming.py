@@ -1,0 +1,198 @@
+"""Streaming a published video through the gateway: RFC 9110 ranges, validators, limiter."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any
+
+import aiohttp
+import pytest
+
+from stream_service.keys import LIMITER
+from tests.clients import MIB, Publisher
+from tests.stack import Stack, start_stack
+
+# An MP4 file header (ftyp box) then noise: enough for the type sniffer.
+MP4_HEAD = b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00isomiso2avc1mp41"
+
+
+async def problem(response: Any, status: int, code: str) -> dict[str, Any]:
+    assert response.status == status, await response.text()
+    assert response.headers["Content-Type"].startswith("application/problem+json")
+    body: dict[str, Any] = await response.json(content_type=None)
+    assert body["code"] == code, body
+    return body
+
+
+async def publish(stack: Stack, data: bytes) -> tuple[Publisher, dict[str, Any]]:
+    name = f"streamer_{os.urandom(3).hex()}"
+    publisher = Publisher(stack, name, await stack.new_user(name))
+    response = await publisher.publish(upload_id=await publisher.upload(data))
+    assert response.status == 201, await response.text()
+    return publisher, await response.json()
+
+
+@pytest.fixture
+async def film(stack: Stack) -> tuple[bytes, dict[str, Any]]:
+    data = MP4_HEAD + os.urandom(100_000)
+    _publisher, video = await publish(stack, data)
+    return data, video
+
+
+async def get(stack: Stack, video: dict[str, Any], **headers: str) -> aiohttp.ClientResponse:
+    return await stack.gateway.get(video["stream_url"], headers=headers)
+
+
+async def test_full_get_with_validators_and_sniffed_type(
+    stack: Stack, film: tuple[bytes, dict[str, Any]]
+) -> None:
+    data, video = film
+    response = await get(stack, video)
+    assert response.status == 200
+    assert await response.read() == data
+    assert response.headers["Accept-Ranges"] == "bytes"
+    assert response.headers["Content-Length"] == str(len(data))
+    assert response.headers["Content-Type"] == "video/mp4"
+    assert response.headers["ETag"] == f'"{video["content_hash"]}"'
+    assert response.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+    assert response.headers["Last-Modified"].endswith(" GMT")
+
+
+@pytest.mark.parametrize(
+    ("range_header", "start", "end"),
+    [
+        ("bytes=0-99", 0, 99),
+        ("bytes=50000-", 50000, None),
+        ("bytes=-1000", -1000, None),
+        ("bytes=99000-999999999", 99000, None),
+    ],
+)
+async def test_single_ranges_are_206_with_exact_bytes(
+    stack: Stack,
+    film: tuple[bytes, dict[str, Any]],
+    range_header: str,
+    start: int,
+    end: int | None,
+) -> None:
+    data, video = film
+    expected = data[start : (end + 1 if end is not None else None)]
+    response = await get(stack, video, Range=range_header)
+    assert response.status == 206
+    assert await response.read() == expected
+    first = start if start >= 0 else len(data) + start
+    assert response.headers["Content-Range"] == (
+        f"bytes {first}-{first + len(expected) - 1}/{len(data)}"
+    )
+    assert response.headers["Content-Length"] == str(len(expected))
+
+
+async def test_unsatisfiable_range_is_416_with_the_size(
+    stack: Stack, film: tuple[bytes, dict[str, Any]]
+) -> None:
+    data, video = film
+    response = await get(stack, video, Range=f"bytes={len(data)}-")
+    await problem(response, 416, "range_not_satisfiable")
+    assert response.headers["Content-Range"] == f"bytes */{len(data)}"
+
+
+async def test_several_ranges_get_the_whole_file(
+    stack: Stack, film: tuple[bytes, dict[str, Any]]
+) -> None:
+    data, video = film
+    response = await get(stack, video, Range="bytes=0-9,100-109")
+    assert response.status == 200
+    assert await response.read() == data
+
+
+async def test_if_range_keeps_the_range_only_for_the_same_file(
+    stack: Stack, film: tuple[bytes, dict[str, Any]]
+) -> None:
+    data, video = film
+    etag = f'"{video["content_hash"]}"'
+    same = await get(stack, video, Range="bytes=0-9", **{"If-Range": etag})
+    assert same.status == 206
+    other = await get(stack, video, Range="bytes=0-9", **{"If-Range": '"another"'})
+    assert other.status == 200
+    assert await other.read() == data
+    modified = (await get(stack, video)).headers["Last-Modified"]
+    by_date = await get(stack, video, Range="bytes=0-9", **{"If-Range": modified})
+    assert by_date.status == 206
+    old = format_datetime(datetime(2020, 1, 1, tzinfo=UTC), usegmt=True)
+    assert (await get(stack, video, Range="bytes=0-9", **{"If-Range": old})).status == 200
+
+
+async def test_head_and_conditional_get(stack: Stack, film: tuple[bytes, dict[str, Any]]) -> None:
+    data, video = film
+    head = await stack.gateway.head(video["stream_url"])
+    assert head.status == 200
+    assert head.headers["Content-Length"] == str(len(data))
+    assert await head.read() == b""
+    etag = head.headers["ETag"]
+    assert (await get(stack, video, **{"If-None-Match": etag})).status == 304
+
+
+async def test_deleted_or_unknown_videos_do_not_stream(
+    stack: Stack, film: tuple[bytes, dict[str, Any]]
+) -> None:
+    _data, video = film
+    await problem(
+        await stack.gateway.get("/api/v1/videos/01NOSUCHVIDEO000000000000/stream"),
+        404,
+        "video_not_found",
+    )
+    assert (await get(stack, video)).status == 200  # now in the stream cache
+    owner = video["author"]["username"]
+    tokens = await stack.sign_in(owner)
+    auth = {"Authorization": f"Bearer {tokens['access_token']}"}
+    assert (await stack.gateway.delete(f"/api/v1/videos/{video['id']}", headers=auth)).status == 202
+    await problem(await get(stack, video), 404, "video_not_found")
+
+
+async def test_thumbnail_is_404_until_made(
+    stack: Stack, film: tuple[bytes, dict[str, Any]]
+) -> None:
+    _data, video = film
+    response = await stack.gateway.get(f"/api/v1/videos/{video['id']}/thumbnail")
+    await problem(response, 404, "thumbnail_not_found")
+
+
+async def test_the_limiter_refuses_at_once_and_frees_the_slot_on_disconnect(
+    aiohttp_server: Any, aiohttp_client: Any, make_settings: Any
+) -> None:
+    stack = await start_stack(
+        make_settings(VOD_STREAM_MAX_PER_CLIENT="1"), aiohttp_server, aiohttp_client
+    )
+    # Larger than every socket buffer between here and the file, so a client that does
+    # not read holds its stream open; and the proof that the gateway does not buffer it.
+    data = MP4_HEAD + os.urandom(48 * MIB)
+    _publisher, video = await publish(stack, data)
+    limiter = stack.servers["stream"].app[LIMITER]
+
+    async with aiohttp.ClientSession() as session:
+        url = stack.gateway.make_url(video["stream_url"])
+        held = await session.get(url)
+        assert held.status == 200
+        assert limiter.active == 1
+        refused = await stack.gateway.get(video["stream_url"])
+        await problem(refused, 429, "too_many_streams_per_client")
+        assert refused.headers["Retry-After"] == "1"
+        held.close()  # the viewer goes away without reading the rest
+        for _ in range(500):
+            if limiter.active == 0:
+                break
+            await asyncio.sleep(0.01)  # the service learns of the hang-up asynchronously
+        assert limiter.active == 0
+    again = await stack.gateway.get(video["stream_url"], headers={"Range": "bytes=0-1023"})
+    assert again.status == 206
+    assert hashlib.sha256(await again.read()).digest() == hashlib.sha256(data[:1024]).digest()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(stack.servers["stream"].make_url("/metrics")) as response,
+    ):
+        metrics = await response.text()
+    assert "vod_stream_refused_total 1.0" in metrics
+    assert "vod_stream_active 0.0" in metrics
