@@ -11,9 +11,12 @@ Real services: ``VOD_TEST_MYSQL``, ``VOD_TEST_REDIS``, ``VOD_TEST_AMQP`` say whe
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
+import shutil
 import socket
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -195,3 +198,58 @@ async def real_stack(
         await kv.delete_namespace()
     finally:
         await kv.close()
+
+
+def _broker_names(kind: str) -> list[str]:
+    """Names of this run's queues or exchanges, from rabbitmqctl (None of the API lists them)."""
+    if shutil.which("rabbitmqctl") is None or urlsplit(AMQP_URL).hostname not in (
+        "127.0.0.1",
+        "localhost",
+    ):
+        return []
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", f"list_{kind}", "name"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    prefix = f"vodtest_{RUN_ID}"
+    return [line.strip() for line in listed.stdout.splitlines() if line.startswith(prefix)]
+
+
+async def _sweep_run_leftovers() -> None:
+    """Whatever this run left on the real servers: keys, queues, exchanges."""
+    import aio_pika
+    import redis.asyncio as redis
+
+    if _reachable(REDIS_URL, 6379):
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            async for key in client.scan_iter(match=f"vodtest_{RUN_ID}*", count=1000):
+                await client.unlink(key)
+        finally:
+            await client.aclose()
+    queues, exchanges = _broker_names("queues"), _broker_names("exchanges")
+    if queues or exchanges:
+        connection = await aio_pika.connect(AMQP_URL)
+        try:
+            channel = await connection.channel()
+            for queue in queues:
+                await channel.queue_delete(queue)
+            for exchange in exchanges:
+                await channel.exchange_delete(exchange)
+        finally:
+            await connection.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_run_leftovers() -> Iterator[None]:
+    """At the end of the run, remove every key, queue and exchange named for it.
+
+    Fixtures delete what they make, but apps that are still stopping (a scheduler writing
+    its job markers, a consumer declaring its queue) can add more after them; this is
+    the backstop that keeps the shared servers clean between runs.
+    """
+    yield
+    asyncio.run(_sweep_run_leftovers())
