@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run services test unit lint format bench loadtest clean install
+.PHONY: run services test unit lint format bench loadtest clean install browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: $(STAMP) lint
 ## make unit: the fast tests only (no real back ends, no processes).
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit tests/api $(PYTEST_ARGS)
+
+## make browser: Debian's chromium for the browser tests (as root), only when missing.
+browser:
+	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .

@@ -2,29 +2,43 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 from api_service.handlers.videos import video_json
-from api_service.keys import SESSIONS, SIGNER, USERS, VIDEOS
+from api_service.keys import COMMENTS, DANMAKU, LIVE_HUB, SESSIONS, SIGNER, USERS, VIDEOS
+from api_service.live.hub import LiveHub
+from api_service.repositories.comments import CommentRepository
+from api_service.repositories.danmaku import DanmakuRepository
 from api_service.repositories.refresh_tokens import RefreshTokenRepository
 from api_service.repositories.users import UserRepository
 from api_service.repositories.videos import VideoRepository
 from api_service.routes import setup_routes
+from api_service.services.comments import CommentService
+from api_service.services.danmaku import DanmakuService
 from api_service.services.passwords import PasswordHasher
 from api_service.services.sessions import LoginThrottle, SessionService
+from api_service.services.spam import BlockedWords, RateLimit
 from api_service.services.users import UserService
 from api_service.services.videos import VideoService
 from shared.auth import TokenSigner
 from shared.cache import ReadThroughCache
 from shared.layout import VIDEO_CACHE_PREFIX
-from shared.resources import DB, KV, bus_ctx, database_ctx, kv_ctx
+from shared.resources import BUS, DB, KV, bus_ctx, database_ctx, kv_ctx
 from shared.settings import Settings
 from shared.web import SETTINGS, CleanupContext, create_base_app
 
+logger = logging.getLogger(__name__)
+
 SERVICE = "api"
+# How long start-up waits for the live hub's first subscription (Redis may be down: the
+# service still starts, and the hub keeps trying).
+LIVE_SUBSCRIBE_WAIT = 5.0
 # Dependency order: what a later context uses is opened by an earlier one.
 BACKEND_CONTEXTS: tuple[CleanupContext, ...] = (database_ctx, kv_ctx, bus_ctx)
 
@@ -39,18 +53,40 @@ async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
     users = UserRepository(db)
     videos = VideoRepository(db)
     app[USERS] = UserService(db=db, users=users, videos=videos, hasher=hasher)
+    # One cache object: comments change a video's comment_count and drop its entry too.
+    video_cache: ReadThroughCache[dict[str, Any]] = ReadThroughCache(
+        kv,
+        prefix=VIDEO_CACHE_PREFIX,
+        encode=lambda value: orjson.dumps(value).decode(),
+        decode=orjson.loads,
+    )
     app[VIDEOS] = VideoService(
         db=db,
         videos=videos,
         users=users,
         kv=kv,
-        cache=ReadThroughCache(
-            kv,
-            prefix=VIDEO_CACHE_PREFIX,
-            encode=lambda value: orjson.dumps(value).decode(),
-            decode=orjson.loads,
-        ),
+        cache=video_cache,
         to_json=video_json,
+    )
+    blocked_words = BlockedWords(settings.blocked_words)
+    comment_count, comment_seconds = settings.comment_rate
+    app[COMMENTS] = CommentService(
+        db=db,
+        comments=CommentRepository(db),
+        videos=app[VIDEOS],
+        video_cache=video_cache,
+        rate_limit=RateLimit(kv, action="comments", count=comment_count, seconds=comment_seconds),
+        blocked_words=blocked_words,
+    )
+    app[LIVE_HUB] = LiveHub(kv, viewer_interval=settings.live_viewer_interval)
+    danmaku_count, danmaku_seconds = settings.danmaku_rate
+    app[DANMAKU] = DanmakuService(
+        danmaku=DanmakuRepository(db, kv),
+        videos=app[VIDEOS],
+        bus=app[BUS],
+        hub=app[LIVE_HUB],
+        rate_limit=RateLimit(kv, action="danmaku", count=danmaku_count, seconds=danmaku_seconds),
+        blocked_words=blocked_words,
     )
     app[SESSIONS] = SessionService(
         db=db,
@@ -68,6 +104,27 @@ async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+async def live_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Runs the live hub (fan-out subscription, viewer counts) while the app runs."""
+    hub = app[LIVE_HUB]
+    hub.start()
+    try:
+        async with asyncio.timeout(LIVE_SUBSCRIBE_WAIT):
+            await hub.listening.wait()
+    except TimeoutError:
+        logger.warning("live: no fan-out subscription yet; live danmaku wait for Redis")
+    try:
+        yield
+    finally:
+        await hub.close()
+
+
+async def close_live_sockets(app: web.Application) -> None:
+    """On shutdown: close every live socket with 1001 so viewers reconnect elsewhere."""
+    if LIVE_HUB in app:
+        await app[LIVE_HUB].close_sockets()
+
+
 def create_app(
     settings: Settings, *, contexts: Sequence[CleanupContext] = BACKEND_CONTEXTS
 ) -> web.Application:
@@ -77,6 +134,7 @@ def create_app(
     """
     app = create_base_app(SERVICE, settings)
     app[SIGNER] = TokenSigner(settings.require_private_key())
-    app.cleanup_ctx.extend([*contexts, domain_ctx])
+    app.cleanup_ctx.extend([*contexts, domain_ctx, live_ctx])
+    app.on_shutdown.append(close_live_sockets)
     setup_routes(app)
     return app

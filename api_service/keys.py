@@ -2,6 +2,9 @@
 
 from aiohttp import web
 
+from api_service.live.hub import LiveHub
+from api_service.services.comments import CommentService
+from api_service.services.danmaku import DanmakuService
 from api_service.services.sessions import SessionService
 from api_service.services.users import UserService
 from api_service.services.videos import VideoService
@@ -11,3 +14,6 @@ USERS = web.AppKey("users", UserService)
 SESSIONS = web.AppKey("sessions", SessionService)
 SIGNER = web.AppKey("signer", TokenSigner)
 VIDEOS = web.AppKey("videos", VideoService)
+COMMENTS = web.AppKey("comments", CommentService)
+DANMAKU = web.AppKey("danmaku", DanmakuService)
+LIVE_HUB = web.AppKey("live_hub", LiveHub)

@@ -2,7 +2,7 @@
 
 from aiohttp import web
 
-from api_service.handlers import accounts, videos
+from api_service.handlers import accounts, comments, danmaku, videos
 
 
 def setup_routes(app: web.Application) -> None:
@@ -22,3 +22,19 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/api/v1/videos/{video_id}", videos.get_video, name="get_video")
     router.add_patch("/api/v1/videos/{video_id}", videos.update_video, name="update_video")
     router.add_delete("/api/v1/videos/{video_id}", videos.delete_video, name="delete_video")
+    router.add_get(
+        "/api/v1/videos/{video_id}/comments", comments.list_comments, name="list_comments"
+    )
+    router.add_post(
+        "/api/v1/videos/{video_id}/comments", comments.create_comment, name="create_comment"
+    )
+    router.add_delete(
+        "/api/v1/videos/{video_id}/comments/{comment_id}",
+        comments.delete_comment,
+        name="delete_comment",
+    )
+    router.add_get("/api/v1/videos/{video_id}/danmaku", danmaku.list_danmaku, name="list_danmaku")
+    router.add_post(
+        "/api/v1/videos/{video_id}/danmaku", danmaku.create_danmaku, name="create_danmaku"
+    )
+    router.add_get("/api/v1/videos/{video_id}/live", danmaku.watch_live, name="watch_live")

@@ -183,3 +183,98 @@ def parse_list_params(query: Mapping[str, str], *, allow_author: bool = True) ->
     if errors:
         raise ValidationError("The list parameters are not valid.", errors=errors)
     return ListParams(limit=limit, cursor=cursor, author=author, query=q)
+
+
+COMMENT_MAX = 2000
+DANMAKU_MAX = 100
+DANMAKU_MODES = frozenset({"scroll", "top", "bottom"})
+_COLOR_RE = re.compile(r"^#[0-9a-fA-F]{6}$")
+# The longest offset accepted while a video's duration is unknown (not probed yet): 24 h.
+MAX_OFFSET_MS = 24 * 60 * 60 * 1000
+# One window read covers at most an hour of the video (ten 6-minute buckets).
+MAX_WINDOW_MS = 60 * 60 * 1000
+DEFAULT_WINDOW_MS = 6 * 60 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class NewDanmaku:
+    offset_ms: int
+    content: str
+    mode: str
+    color: str
+
+
+@dataclass(frozen=True, slots=True)
+class DanmakuWindow:
+    from_ms: int
+    to_ms: int
+
+
+def parse_new_comment(body: Any) -> str:
+    """``{content}``: 1-2000 characters once surrounding white space is trimmed."""
+    data = _object(body)
+    errors: list[dict[str, str]] = []
+    _no_unknown_fields(data, frozenset({"content"}), errors)
+    content = _text_field(data, "content", errors, minimum=1, maximum=COMMENT_MAX)
+    if errors or content is None:
+        raise ValidationError("The comment is not valid.", errors=errors)
+    return content
+
+
+def parse_new_danmaku(body: Any, *, allowed: frozenset[str] | None = None) -> NewDanmaku:
+    """``{offset_ms, content, mode, color}``; ``allowed`` widens the known fields (the live
+    channel's messages also carry ``type``)."""
+    data = _object(body)
+    errors: list[dict[str, str]] = []
+    known = frozenset({"offset_ms", "content", "mode", "color"}) | (allowed or frozenset())
+    _no_unknown_fields(data, known, errors)
+    offset = data.get("offset_ms")
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        errors.append({"field": "offset_ms", "problem": "must be a whole number"})
+    elif not 0 <= offset <= MAX_OFFSET_MS:
+        errors.append({"field": "offset_ms", "problem": f"0-{MAX_OFFSET_MS}"})
+    content = _text_field(data, "content", errors, minimum=1, maximum=DANMAKU_MAX)
+    mode = data.get("mode")
+    if mode not in DANMAKU_MODES:
+        errors.append({"field": "mode", "problem": "scroll, top or bottom"})
+    color = data.get("color")
+    if not isinstance(color, str) or not _COLOR_RE.match(color):
+        errors.append({"field": "color", "problem": "#rrggbb"})
+    if (
+        errors
+        or content is None
+        or not isinstance(offset, int)
+        or not isinstance(mode, str)
+        or not isinstance(color, str)
+    ):
+        raise ValidationError("The danmaku is not valid.", errors=errors)
+    return NewDanmaku(offset_ms=offset, content=content, mode=mode, color=color.lower())
+
+
+def _milliseconds(query: Mapping[str, str], name: str, errors: list[dict[str, str]]) -> int | None:
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or int(raw) > MAX_OFFSET_MS:
+        errors.append({"field": name, "problem": f"a whole number 0-{MAX_OFFSET_MS}"})
+        return None
+    return int(raw)
+
+
+def parse_danmaku_window(query: Mapping[str, str]) -> DanmakuWindow:
+    """``from_ms`` (default 0) to ``to_ms`` (default 6 minutes later), inclusive; at most
+    an hour."""
+    errors: list[dict[str, str]] = []
+    start = _milliseconds(query, "from_ms", errors)
+    end = _milliseconds(query, "to_ms", errors)
+    if errors:
+        raise ValidationError("The window is not valid.", errors=errors)
+    start = start or 0
+    end = start + DEFAULT_WINDOW_MS - 1 if end is None else end
+    if end < start:
+        errors.append({"field": "to_ms", "problem": "must not be before from_ms"})
+    elif end - start >= MAX_WINDOW_MS:
+        errors.append({"field": "to_ms", "problem": f"a window spans at most {MAX_WINDOW_MS} ms"})
+    if errors:
+        raise ValidationError("The window is not valid.", errors=errors)
+    return DanmakuWindow(from_ms=start, to_ms=end)

@@ -1,8 +1,9 @@
 """The gateway application: the only public door of vod.
 
-It verifies who is calling (``gateway.identity``: JWT + revocation list), stamps request
-ids, and relays every ``/api/v1`` route of the routing table to a replica of the upstream
-service that owns it, streaming bodies both ways and bridging WebSockets.
+It answers CORS for browsers on other origins (``gateway.cors``), verifies who is
+calling (``gateway.identity``: JWT + revocation list), stamps request ids, and relays
+every ``/api/v1`` route of the routing table to a replica of the upstream service that
+owns it, streaming bodies both ways and bridging WebSockets.
 
 The gateway takes no internal token (it is where the token is added), and it never reads
 a request body itself, so ``client_max_size`` only bounds what the gateway's own handlers
@@ -31,6 +32,7 @@ from typing import Any
 import orjson
 from aiohttp import WSCloseCode, web
 
+from gateway.cors import install as install_cors
 from gateway.identity import Authenticator
 from gateway.keys import (
     AUTHENTICATOR,
@@ -70,6 +72,7 @@ def create_app(settings: Settings, *, health: HealthPolicy | None = None) -> web
         require_internal_token=False,
         client_max_size=settings.max_json_bytes,
     )
+    install_cors(app, settings.cors_origins)
     # Built here, not at first use: a gateway without a valid public key must not start.
     verifier = TokenVerifier(settings.require_public_key())
     app[REPLICA_SETS] = upstreams_from_settings(settings, health)

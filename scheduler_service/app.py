@@ -25,9 +25,20 @@ from scheduler_service.jobs.blob_collector import BlobCollector
 from scheduler_service.jobs.outbox_relay import OutboxRelay
 from scheduler_service.jobs.runner import JobRunner, PeriodicJob
 from scheduler_service.jobs.upload_sweeper import AbandonedUploadSweeper
-from scheduler_service.keys import CONSUMER_GROUP, JOB_RUNNER, OPTIONS, RELAY, SCHEDULER_METRICS
+from scheduler_service.keys import (
+    ADMIN,
+    CONSUMER_GROUP,
+    JOB_RUNNER,
+    OPTIONS,
+    RELAY,
+    SCHEDULER_METRICS,
+)
 from scheduler_service.metrics import SchedulerMetrics
 from scheduler_service.options import SchedulerOptions
+from scheduler_service.repositories.deletions import DeletionRepository
+from scheduler_service.routes import setup_routes
+from scheduler_service.services.admin import AdminService
+from scheduler_service.services.deletions import VideoDeletionRunner
 from shared.resources import BLOBS, BUS, DB, KV, blobs_ctx, bus_ctx, database_ctx, kv_ctx
 from shared.settings import Settings
 from shared.web import METRICS, SETTINGS, CleanupContext, create_base_app
@@ -38,6 +49,7 @@ BACKEND_CONTEXTS: tuple[CleanupContext, ...] = (database_ctx, kv_ctx, bus_ctx, b
 
 UPLOAD_SWEEPER_JOB = "abandoned-uploads"
 BLOB_COLLECTOR_JOB = "unreferenced-blobs"
+DELETION_RESUME_JOB = "stalled-deletions"
 
 
 @asynccontextmanager
@@ -82,11 +94,17 @@ def consumers_ctx(registrars: Sequence[ConsumerRegistrar]) -> CleanupContext:
             depth_interval=app[OPTIONS].queue_depth_interval,
         )
         backends = Backends(
-            settings=settings, db=app[DB], kv=app[KV], bus=app[BUS], blobs=app[BLOBS]
+            settings=settings,
+            db=app[DB],
+            kv=app[KV],
+            bus=app[BUS],
+            blobs=app[BLOBS],
+            blob_grace=app[OPTIONS].blob_grace,
         )
         for register in registrars:
             register(group, backends)
         app[CONSUMER_GROUP] = group
+        app[ADMIN] = AdminService(app[DB], app[BUS], group, DeletionRepository(app[DB]))
         await group.start()
         try:
             yield
@@ -100,11 +118,17 @@ async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
     options = app[OPTIONS]
     sweeper = AbandonedUploadSweeper(app[BLOBS], app[KV], min_age=options.upload_chunk_min_age)
     collector = BlobCollector(app[DB], app[BLOBS], grace=options.blob_grace)
+    deletions = VideoDeletionRunner(app[DB], app[KV], collector)
+
+    async def resume_deletions() -> int:
+        return await deletions.resume_pending(stale_after=options.deletion_stale_after)
+
     runner = JobRunner(
         app[KV],
         [
             PeriodicJob(UPLOAD_SWEEPER_JOB, options.upload_sweep_interval, sweeper.run),
             PeriodicJob(BLOB_COLLECTOR_JOB, options.blob_collect_interval, collector.run),
+            PeriodicJob(DELETION_RESUME_JOB, options.deletion_resume_interval, resume_deletions),
         ],
         lease_ttl=options.job_lease_ttl,
         metrics=app[SCHEDULER_METRICS],
@@ -130,4 +154,5 @@ def create_app(
     app[OPTIONS] = options or SchedulerOptions()
     app[SCHEDULER_METRICS] = SchedulerMetrics(app[METRICS].registry)
     app.cleanup_ctx.extend([*contexts, relay_ctx, consumers_ctx(consumers), jobs_ctx])
+    setup_routes(app)
     return app

@@ -30,3 +30,7 @@ class SchedulerOptions:
     upload_chunk_min_age: timedelta = upload_sweeper.DEFAULT_MIN_AGE
     blob_collect_interval: float = 60 * 60.0
     blob_grace: timedelta = blob_collector.DEFAULT_GRACE
+    # Deletions whose message gave up (parked) or whose scheduler died are resumed by a
+    # timer once nobody advanced them for deletion_stale_after.
+    deletion_resume_interval: float = 60.0
+    deletion_stale_after: timedelta = timedelta(minutes=5)

@@ -67,6 +67,8 @@ class Settings:
     db_migrate: bool = False
     cors_origins: tuple[str, ...] = ()
     max_upload_bytes: int = 20 * GIB
+    # Bytes each user may keep in videos and uploads; 0 = unlimited (stream_service).
+    user_quota_bytes: int = 0
     max_json_bytes: int = 64 * 1024
     stream_max_connections: int = 256
     stream_max_per_client: int = 8
@@ -80,6 +82,13 @@ class Settings:
     # Failed sign-ins tolerated per username (and 5x that per client address) in a window.
     login_max_failures: int = 10
     login_window_seconds: int = 900
+    # Per-user rate limits as (count, seconds): at most count in each window of seconds.
+    comment_rate: tuple[int, float] = (10, 60.0)
+    danmaku_rate: tuple[int, float] = (10, 10.0)
+    # Words (case-insensitive substrings) that reject a comment and hide a danmaku.
+    blocked_words: tuple[str, ...] = ()
+    # Seconds between the live channel's {"type": "viewers"} pushes.
+    live_viewer_interval: float = 5.0
     var_dir: Path = Path("var")
 
     @classmethod
@@ -116,10 +125,9 @@ class Settings:
             stream_port=reader.parse("VOD_STREAM_PORT", "8002", _port),
             scheduler_port=reader.parse("VOD_SCHEDULER_PORT", "8003", _port),
             db_migrate=reader.parse("VOD_DB_MIGRATE", "0", _bool),
-            cors_origins=tuple(
-                o.strip() for o in source.get("VOD_CORS_ORIGINS", "").split(",") if o.strip()
-            ),
+            cors_origins=reader.parse("VOD_CORS_ORIGINS", "", _origins),
             max_upload_bytes=reader.parse("VOD_MAX_UPLOAD_BYTES", str(20 * GIB), _positive_int),
+            user_quota_bytes=reader.parse("VOD_USER_QUOTA_BYTES", "0", _non_negative_int),
             max_json_bytes=reader.parse("VOD_MAX_JSON_BYTES", str(64 * 1024), _positive_int),
             stream_max_connections=reader.parse("VOD_STREAM_MAX_CONNECTIONS", "256", _positive_int),
             stream_max_per_client=reader.parse("VOD_STREAM_MAX_PER_CLIENT", "8", _positive_int),
@@ -133,6 +141,14 @@ class Settings:
             argon2_memory_kib=reader.parse("VOD_ARGON2_MEMORY_KIB", "65536", _positive_int),
             login_max_failures=reader.parse("VOD_LOGIN_MAX_FAILURES", "10", _positive_int),
             login_window_seconds=reader.parse("VOD_LOGIN_WINDOW_SECONDS", "900", _positive_int),
+            comment_rate=reader.parse("VOD_COMMENT_RATE", "10/60", _rate),
+            danmaku_rate=reader.parse("VOD_DANMAKU_RATE", "10/10", _rate),
+            blocked_words=tuple(
+                w.strip().casefold()
+                for w in source.get("VOD_BLOCKED_WORDS", "").split(",")
+                if w.strip()
+            ),
+            live_viewer_interval=reader.parse("VOD_LIVE_VIEWER_INTERVAL", "5", _positive_float),
             var_dir=Path(source.get("VOD_VAR_DIR", "var")),
         )
 
@@ -225,11 +241,25 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if value <= 0:
         raise ValueError("must be positive")
     return value
+
+
+def _rate(raw: str) -> tuple[int, float]:
+    count, slash, seconds = raw.partition("/")
+    if not slash:
+        raise ValueError("expected COUNT/SECONDS, e.g. 10/60")
+    return _positive_int(count.strip()), _positive_float(seconds.strip())
 
 
 def _bool(raw: str) -> bool:
@@ -245,6 +275,26 @@ def _namespace(raw: str) -> str:
     if not _NAMESPACE_RE.match(raw):
         raise ValueError("lower-case letters, digits and _, starting with a letter, ≤ 40")
     return raw
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    """Browser origins (``scheme://host[:port]``, or ``*`` for any), as browsers send them."""
+    origins = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        if part == "*":
+            origins.append(part)
+            continue
+        parsed = urlsplit(part.rstrip("/"))
+        # .port raises ValueError for a port that is not a number in range.
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.port == 0:
+            raise ValueError(f"{part!r} is not an origin like https://example.com[:port] or *")
+        if parsed.path or parsed.query or parsed.fragment or parsed.username:
+            raise ValueError(f"{part!r} has more than scheme, host and port")
+        # Browsers send the origin's scheme and host lower-cased (the port as written).
+        origins.append(f"{parsed.scheme}://{parsed.netloc.lower()}")
+    return tuple(origins)
 
 
 def _log_level(raw: str) -> str:

@@ -34,6 +34,7 @@ async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
         kv=app[KV],
         blobs=app[BLOBS],
         max_upload_bytes=app[SETTINGS].max_upload_bytes,
+        user_quota_bytes=app[SETTINGS].user_quota_bytes,
     )
     app[CATALOG] = VideoCatalog(db=app[DB], blobs=app[BLOBS], kv=app[KV])
     yield

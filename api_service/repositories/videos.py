@@ -104,14 +104,38 @@ class VideoRepository:
         )
 
     async def add(self, conn: AsyncConnection, values: dict[str, Any]) -> None:
-        """Insert a video; ``DuplicateKeyError`` when its upload already has one."""
-        await conn.execute(videos.insert().values(**values))
+        """Insert a video; ``DuplicateKeyError`` when its upload already has one.
+
+        A file the scheduler has already probed gives the video its media result at once
+        (ready or failed). The blob row is updated first: that row lock orders this
+        transaction with the scheduler's, which records a result on the row before it
+        marks the file's videos, so a video is never left ``processing`` by a result
+        that went by while it was being created.
+        """
         # The blob now has one more video; it is no longer a candidate for collection.
         await conn.execute(
             update(blobs)
             .where(blobs.c.content_hash == values["content_hash"])
             .values(ref_count=blobs.c.ref_count + 1, zero_since=None)
         )
+        media = (
+            await conn.execute(
+                select(
+                    blobs.c.media_status,
+                    blobs.c.duration_ms,
+                    blobs.c.failure_reason,
+                    blobs.c.has_thumbnail,
+                ).where(blobs.c.content_hash == values["content_hash"])
+            )
+        ).first()
+        if media is not None and media.media_status is not None:
+            values = values | {
+                "status": media.media_status,
+                "duration_ms": media.duration_ms,
+                "failure_reason": media.failure_reason,
+                "has_thumbnail": bool(media.has_thumbnail),
+            }
+        await conn.execute(videos.insert().values(**values))
 
     async def get(self, video_id: str, *, conn: AsyncConnection | None = None) -> Video | None:
         statement = _visible().where(videos.c.id == video_id)

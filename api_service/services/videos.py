@@ -8,8 +8,6 @@ outbox, so the scheduler's clean-up can be late but never lost.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,37 +15,22 @@ from typing import Any
 
 from api_service.repositories.users import UserRepository
 from api_service.repositories.videos import Video, VideoRepository
+from api_service.services.pagination import decode_cursor, encode_cursor
 from shared.auth import Identity
 from shared.bus import Event
 from shared.cache import ReadThroughCache
 from shared.db import Database, DuplicateKeyError, new_id
-from shared.errors import BadRequestError, ConflictError, ForbiddenError, NotFoundError
+from shared.errors import ConflictError, ForbiddenError, NotFoundError
 from shared.events import VIDEO_DELETED
 from shared.kv import KeyValueStore
 from shared.layout import is_upload_id, stream_cache_key, upload_state_key
 from shared.outbox import add_event
-
-CURSOR_VERSION = "v1:"
 
 
 @dataclass(frozen=True, slots=True)
 class Page:
     items: list[Video]
     next_cursor: str | None
-
-
-def encode_cursor(last_id: str) -> str:
-    return base64.urlsafe_b64encode((CURSOR_VERSION + last_id).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> str:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raw = ""
-    if not raw.startswith(CURSOR_VERSION) or not raw[len(CURSOR_VERSION) :].isalnum():
-        raise BadRequestError("The cursor is not one this API gave out.", code="invalid_cursor")
-    return raw[len(CURSOR_VERSION) :]
 
 
 def video_not_found(video_id: str) -> NotFoundError:

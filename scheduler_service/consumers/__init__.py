@@ -7,6 +7,11 @@ framework (idempotence, permanent failures, metrics) is in ``base``.
 
 from __future__ import annotations
 
+from scheduler_service.consumers import danmaku, deletions, media
 from scheduler_service.consumers.base import ConsumerRegistrar
 
-CONSUMERS: tuple[ConsumerRegistrar, ...] = ()
+CONSUMERS: tuple[ConsumerRegistrar, ...] = (
+    deletions.register,
+    media.register,
+    danmaku.register,
+)

@@ -35,11 +35,12 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_service import cancellation
+from scheduler_service.jobs.blob_collector import DEFAULT_GRACE
 from scheduler_service.metrics import SchedulerMetrics
 from shared.blobs import BlobStore
 from shared.bus import (
@@ -86,6 +87,8 @@ class Backends:
     kv: KeyValueStore
     bus: MessageBus
     blobs: BlobStore
+    # How long an unreferenced blob is kept (SchedulerOptions.blob_grace).
+    blob_grace: timedelta = DEFAULT_GRACE
 
 
 async def record_processed(conn: AsyncConnection, consumer: str, message_id: str) -> bool:

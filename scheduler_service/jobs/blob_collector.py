@@ -59,6 +59,11 @@ class BlobCollector:
         self._grace = grace
         self._batch_size = batch_size
 
+    @property
+    def grace(self) -> timedelta:
+        """How long a blob stays unreferenced before it is collected."""
+        return self._grace
+
     async def run(self) -> int:
         cutoff = datetime.now(UTC) - self._grace
         collected = 0

@@ -28,6 +28,7 @@ from shared.layout import CHUNKS_PREFIX, upload_prefix, upload_state_key
 logger = logging.getLogger(__name__)
 
 DEFAULT_MIN_AGE = timedelta(hours=1)
+STALE_WRITE_AGE = timedelta(hours=24)
 
 
 class AbandonedUploadSweeper:
@@ -44,7 +45,12 @@ class AbandonedUploadSweeper:
         deleted = 0
         async for upload_id, keys in self._uploads():
             deleted += await self.sweep(upload_id, keys)
-        return deleted
+        # Writes a killed process left unfinished (S3 multipart uploads keep their parts,
+        # billed, until aborted); a day is far longer than any write takes.
+        aborted = await self._blobs.abort_stale_multipart_uploads(STALE_WRITE_AGE)
+        if aborted:
+            logger.info("sweeper: aborted %d stale multipart uploads", aborted)
+        return deleted + aborted
 
     async def sweep(self, upload_id: str, keys: list[str]) -> int:
         """Deletes ``keys`` (chunks of ``upload_id``) if the upload is abandoned."""

@@ -160,6 +160,12 @@ blobs = Table(
     Column("ref_count", Integer(), nullable=False, default=0, server_default=text("0")),
     Column("created_at", UtcDateTime(), nullable=False),
     Column("zero_since", UtcDateTime(), nullable=True, index=True),
+    # Media info, probed once per file by the scheduler (migration 0004); NULL media_status
+    # means not probed yet. A video published later copies it and is ready at once.
+    Column("media_status", String(16), nullable=True),
+    Column("duration_ms", BigInteger(), nullable=True),
+    Column("failure_reason", String(500), nullable=True),
+    Column("has_thumbnail", Boolean(), nullable=True),
     **MYSQL_TABLE_OPTIONS,
 )
 
@@ -220,5 +226,58 @@ videos = Table(
     Column("deleted_at", UtcDateTime(), nullable=True),
     Index("ix_videos_owner_id_id", "owner_id", "id"),
     Index("ix_videos_deleted_at_id", "deleted_at", "id"),
+    **MYSQL_TABLE_OPTIONS,
+)
+
+# One row per deleted video (migration 0004), written when the scheduler takes the
+# video.deleted event. steps_done lists the finished steps (comma-separated), so a restart
+# resumes rather than repeats, and an admin can see how far a deletion got.
+video_deletions = Table(
+    "video_deletions",
+    metadata,
+    Column("video_id", CHAR(26), primary_key=True),
+    Column("content_hash", CHAR(64), nullable=False),
+    Column("requested_at", UtcDateTime(), nullable=False),
+    Column("state", String(16), nullable=False, index=True),
+    Column("steps_done", String(255), nullable=False, server_default=text("''")),
+    Column("attempts", Integer(), nullable=False, server_default=text("0")),
+    Column("last_error", String(500), nullable=True),
+    Column("updated_at", UtcDateTime(), nullable=False),
+    Column("finished_at", UtcDateTime(), nullable=True),
+    **MYSQL_TABLE_OPTIONS,
+)
+
+# Comments on a video (migration 0005), listed oldest first: ids sort by creation time, so
+# ORDER BY id within a video is the order and the cursor. videos.comment_count moves in the
+# same transaction as each insert and delete. No foreign keys: the scheduler's deletion
+# runner removes a deleted video's comments before its row.
+comments = Table(
+    "comments",
+    metadata,
+    Column("id", CHAR(26), primary_key=True),
+    Column("video_id", CHAR(26), nullable=False),
+    Column("author_id", CHAR(26), nullable=False, index=True),
+    Column("content", Text(), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Index("ix_comments_video_id_id", "video_id", "id"),
+    **MYSQL_TABLE_OPTIONS,
+)
+
+# Danmaku (migration 0005), written in batches by the scheduler from danmaku.created;
+# Redis holds the readable copy first. hidden: the text matched a blocked word, so it is
+# kept (for moderation) but never shown or pushed.
+danmaku = Table(
+    "danmaku",
+    metadata,
+    Column("id", CHAR(26), primary_key=True),
+    Column("video_id", CHAR(26), nullable=False),
+    Column("author_id", CHAR(26), nullable=False, index=True),
+    Column("offset_ms", BigInteger(), nullable=False),
+    Column("content", String(100), nullable=False),
+    Column("mode", String(8), nullable=False),
+    Column("color", CHAR(7), nullable=False),
+    Column("hidden", Boolean(), nullable=False, server_default=text("0")),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Index("ix_danmaku_video_id_offset_ms", "video_id", "offset_ms"),
     **MYSQL_TABLE_OPTIONS,
 )

@@ -22,6 +22,9 @@ Decisions a client can see:
   still be finished by sending its chunks instead of the proof.
 - Even when the file is stored already (dedup), the chunks of a normal upload are hashed
   at completion: otherwise knowing a file's hash would be enough to claim it.
+- With a per-user quota, a new upload must fit beside what the user keeps (see
+  ``stream_service.repositories.quota`` for what counts), or it is refused with 413
+  ``quota_exceeded`` naming the bytes still free. Instant uploads count like any other.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from shared.kv import KeyValueStore
 from shared.layout import chunk_key, content_blob_key, is_upload_id, upload_prefix
 from shared.outbox import add_event
 from stream_service.repositories.blob_rows import BlobRows
+from stream_service.repositories.quota import QuotaLedger, ReserveOutcome
 from stream_service.repositories.upload_state import (
     COMPLETE,
     UPLOADING,
@@ -129,6 +133,14 @@ def upload_complete() -> ConflictError:
     )
 
 
+def uploads_busy() -> ConflictError:
+    return ConflictError(
+        "Other uploads of yours are starting right now; try again shortly.",
+        code="uploads_busy",
+        headers={"Retry-After": "1"},
+    )
+
+
 def upload_completing() -> ConflictError:
     return ConflictError(
         "The upload is being assembled right now; ask for its state again shortly.",
@@ -145,6 +157,7 @@ class UploadService:
         kv: KeyValueStore,
         blobs: BlobStore,
         max_upload_bytes: int,
+        user_quota_bytes: int = 0,
         state_ttl: float = DEFAULT_STATE_TTL,
         completion_lease: float = DEFAULT_COMPLETION_LEASE,
         completion_wait: float = DEFAULT_COMPLETION_WAIT,
@@ -158,6 +171,9 @@ class UploadService:
         self._records = UploadRecords(db)
         self._blob_rows = BlobRows()
         self._max_upload_bytes = max_upload_bytes
+        # 0: unlimited, and nothing is tracked.
+        self._quota = user_quota_bytes
+        self._ledger = QuotaLedger(db, kv, unused_window=timedelta(seconds=state_ttl))
         self._ttl = state_ttl
         self._lease = completion_lease
         self._wait = completion_wait
@@ -195,8 +211,35 @@ class UploadService:
             expires_at=now + timedelta(seconds=self._ttl),
             challenge=challenge,
         )
-        await self._state.create(upload, ttl=self._ttl)
+        if self._quota:
+            # Counted before the state exists would let a concurrent check drop it as gone.
+            allowance = self._quota - await self._ledger.stored_bytes(owner_id, now=now)
+            await self._state.create(upload, ttl=self._ttl)
+            await self._reserve(upload, allowance)
+        else:
+            await self._state.create(upload, ttl=self._ttl)
         return _uploading_view(upload, received=set())
+
+    async def _reserve(self, upload: UploadState, allowance: int) -> None:
+        reservation = await self._ledger.reserve(
+            upload.owner_id, upload.id, size=upload.size, allowance=allowance, ttl=self._ttl
+        )
+        if reservation.outcome is ReserveOutcome.RESERVED:
+            return
+        await self._state.delete(upload.id)
+        if reservation.outcome is ReserveOutcome.RETRY:
+            raise uploads_busy()
+        remaining = max(0, reservation.remaining)
+        raise PayloadTooLargeError(
+            f"The file needs {upload.size} bytes; {remaining} of your quota of "
+            f"{self._quota} bytes are free. Delete videos or unfinished uploads to make room.",
+            code="quota_exceeded",
+            extra={
+                "quota_bytes": self._quota,
+                "remaining_bytes": remaining,
+                "size": upload.size,
+            },
+        )
 
     async def status(self, owner_id: str, upload_id: str) -> UploadView:
         found = await self._find(owner_id, upload_id)
@@ -281,6 +324,8 @@ class UploadService:
         if outcome is DeleteOutcome.COMPLETING:
             raise upload_completing()
         # The state is gone first: a chunk landing now finds no upload and removes itself.
+        if self._quota:
+            await self._ledger.release(owner_id, upload_id)
         await self._drop_chunks(upload_id)
 
     # -- completion ------------------------------------------------------------------
@@ -325,6 +370,9 @@ class UploadService:
         await self._state.finish(
             upload.id, token, completed_at=record.completed_at or self._clock(), ttl=self._ttl
         )
+        if self._quota:
+            # From here the database counts it.
+            await self._ledger.release(upload.owner_id, upload.id)
         await self._drop_chunks(upload.id)
         return _complete_view(record)
 

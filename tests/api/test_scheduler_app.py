@@ -13,7 +13,12 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from scheduler_service.app import BLOB_COLLECTOR_JOB, UPLOAD_SWEEPER_JOB, create_app
+from scheduler_service.app import (
+    BLOB_COLLECTOR_JOB,
+    DELETION_RESUME_JOB,
+    UPLOAD_SWEEPER_JOB,
+    create_app,
+)
 from scheduler_service.consumers.base import Backends, ConsumerGroup
 from scheduler_service.jobs.outbox_relay import LEASE_NAME
 from scheduler_service.keys import CONSUMER_GROUP, JOB_RUNNER, RELAY
@@ -61,7 +66,11 @@ async def test_an_outbox_event_is_relayed_consumed_and_counted(
 
     assert probe.events == [event]
     assert app[CONSUMER_GROUP].queues == ["app-probe"]
-    assert {job.name for job in app[JOB_RUNNER].jobs} == {UPLOAD_SWEEPER_JOB, BLOB_COLLECTOR_JOB}
+    assert {job.name for job in app[JOB_RUNNER].jobs} == {
+        UPLOAD_SWEEPER_JOB,
+        BLOB_COLLECTOR_JOB,
+        DELETION_RESUME_JOB,
+    }
     response = await client.get("/metrics")
     assert response.status == 200
     metrics = await response.text()

@@ -763,8 +763,9 @@ def test_image_installs_every_service_package_and_no_dev_extras() -> None:
     packages = {
         p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     }
-    # The standalone launcher is the one package the images leave out.
-    assert packages - {"standalone"} <= copied
+    # The standalone launcher and the command-line client are the packages the images
+    # leave out: neither runs in a service container.
+    assert packages - {"standalone", "vod_client"} <= copied
     assert "standalone" not in copied
     # The ignore file is an allow-list: whatever is copied must be let through.
     lines = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()

@@ -1,0 +1,396 @@
+"""Live danmaku fan-out: 1,000 WebSocket viewers of one video, senders at rising rates.
+
+Two servers, measured one after the other in the same run with the same client harness:
+
+- ``vod``: ``python -m api_service`` as in production (embedded SQLite and in-process bus,
+  the real Redis on this machine when it answers, else the in-process one), viewers on
+  ``GET /api/v1/videos/{id}/live`` straight to the api (the gateway hop is left out: it
+  is a byte pump measured elsewhere), danmaku sent as ``POST .../danmaku`` with the
+  gateway's internal token and identity headers, access logs at WARNING;
+- ``bare``: the reference, a bare aiohttp app whose ``POST /send`` loops over its sockets
+  awaiting ``send_str`` on each (PERF-NOTES' "bare aiohttp broadcast loop").
+
+Each danmaku carries the sender's ``time.monotonic()`` (one clock for every process on
+the machine); each viewer computes the delivery latency on arrival. A rate step lasts
+``STEP_SECONDS``; "sustained" means every danmaku reached every viewer within the step's
+drain time and p99 < 1 s. The bench client shares the 2 cores with the server: CPU of
+both is reported per step.
+
+``python -m bench.danmaku --bare-server PORT`` runs the reference server (used internally).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+import orjson
+import psutil
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from shared.auth import Identity
+from shared.db import new_id, open_database
+from shared.db.schema import users, videos
+
+NAME: Final = "danmaku"
+VIEWERS: Final = int(os.environ.get("VOD_BENCH_VIEWERS", "1000"))
+RATES: Final = (10, 25, 50, 75, 100, 150, 200)
+STEP_SECONDS: Final = float(os.environ.get("VOD_BENCH_STEP_SECONDS", "5"))
+DRAIN_SECONDS: Final = 3.0
+P99_LIMIT: Final = 1.0
+CREATED: Final = 201
+REPORTED_RATE: Final = 10
+ROOT: Final = Path(__file__).resolve().parents[1]
+REDIS_URL: Final = os.environ.get("VOD_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+INTERNAL_TOKEN: Final = "bench-internal-token-" + secrets.token_hex(8)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def redis_reachable() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), 1):
+            return True
+    except OSError:
+        return False
+
+
+# -- the reference server ------------------------------------------------------------------
+
+
+def bare_server(port: int) -> None:
+    sockets: set[web.WebSocketResponse] = set()
+
+    async def live(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(compress=False)
+        await ws.prepare(request)
+        sockets.add(ws)
+        try:
+            async for _ in ws:
+                pass
+        finally:
+            sockets.discard(ws)
+        return ws
+
+    async def send(request: web.Request) -> web.Response:
+        text = orjson.dumps({"type": "danmaku", **(await request.json())}).decode()
+        for ws in list(sockets):
+            try:
+                await ws.send_str(text)
+            except ConnectionError:
+                continue
+        return web.Response(status=201)
+
+    app = web.Application()
+    app.router.add_get("/live", live)
+    app.router.add_post("/send", send)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+# -- the harness -----------------------------------------------------------------------------
+
+
+class Viewers:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.received = 0
+
+    async def watch(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        headers: dict[str, str],
+        ready: asyncio.Event,
+    ) -> None:
+        async with session.ws_connect(url, headers=headers, compress=0, max_msg_size=0) as ws:
+            ready.set()
+            async for message in ws:
+                body = orjson.loads(message.data)
+                if body.get("type") == "danmaku":
+                    self.latencies.append(time.monotonic() - float(body["content"]))
+                    self.received += 1
+
+
+async def run_rates(
+    live_url: str,
+    send_url: str,
+    headers: dict[str, str],
+    viewer_headers: dict[str, str],
+    pid: int,
+) -> list[Any]:
+    server = psutil.Process(pid)
+    me = psutil.Process()
+    viewers = Viewers()
+    connector = aiohttp.TCPConnector(limit=0)
+    steps: list[dict[str, Any]] = []
+    async with aiohttp.ClientSession(connector=connector) as session:
+        tasks = []
+        for _ in range(VIEWERS):
+            ready = asyncio.Event()
+            tasks.append(
+                asyncio.create_task(viewers.watch(session, live_url, viewer_headers, ready))
+            )
+            await ready.wait()
+        sender = aiohttp.ClientSession()
+        try:
+            # Warm up: a few danmaku, not measured.
+            for i in range(20):
+                await post(sender, send_url, headers, i)
+            await asyncio.sleep(DRAIN_SECONDS)
+            for rate in RATES:
+                viewers.latencies, viewers.received = [], 0
+                server.cpu_percent(), me.cpu_percent()
+                sent = await send_at(sender, send_url, headers, rate)
+                await asyncio.sleep(DRAIN_SECONDS)
+                server_cpu, client_cpu = server.cpu_percent(), me.cpu_percent()
+                lat = sorted(viewers.latencies)
+                expected = sent * VIEWERS
+                step = {
+                    "rate": rate,
+                    "sent": sent,
+                    "expected_deliveries": expected,
+                    "deliveries": viewers.received,
+                    "deliveries_per_s": round(viewers.received / STEP_SECONDS),
+                    "p50_ms": round(1000 * lat[len(lat) // 2], 1) if lat else None,
+                    "p99_ms": round(1000 * lat[int(len(lat) * 0.99) - 1], 1) if lat else None,
+                    "max_ms": round(1000 * lat[-1], 1) if lat else None,
+                    "server_cpu_percent": round(server_cpu),
+                    "client_cpu_percent": round(client_cpu),
+                }
+                step["sustained"] = bool(
+                    lat
+                    and viewers.received >= expected
+                    and lat[int(len(lat) * 0.99) - 1] < P99_LIMIT
+                )
+                print(f"    {step}", flush=True)
+                steps.append(step)
+                if not step["sustained"]:
+                    break
+        finally:
+            await sender.close()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    return steps
+
+
+async def post(session: aiohttp.ClientSession, url: str, headers: dict[str, str], i: int) -> None:
+    body = {
+        "offset_ms": i % 1000,
+        "content": f"{time.monotonic():.6f}",
+        "mode": "scroll",
+        "color": "#ffffff",
+    }
+    async with session.post(url, json=body, headers=headers) as response:
+        if response.status != CREATED:
+            raise RuntimeError(f"send failed: {response.status} {await response.text()}")
+
+
+async def send_at(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], rate: int
+) -> int:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    total = int(rate * STEP_SECONDS)
+    pending = []
+    for i in range(total):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        pending.append(asyncio.create_task(post(session, url, headers, i)))
+    await asyncio.gather(*pending)
+    return total
+
+
+def wait_healthy(url: str) -> None:
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback
+                if response.status == 200:  # noqa: PLR2004
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not become healthy")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+async def prepare_video(db_url: str) -> tuple[str, str]:
+    db = await open_database(db_url)
+    try:
+        await db.migrate()
+        now = datetime.now(UTC)
+        user_id, video_id = new_id(), new_id()
+        async with db.transaction() as conn:
+            await conn.execute(
+                users.insert().values(
+                    id=user_id,
+                    username="bench",
+                    username_key="bench",
+                    password_hash="!",  # noqa: S106 - no one signs in as the bench user
+                    created_at=now,
+                )
+            )
+            await conn.execute(
+                videos.insert().values(
+                    id=video_id,
+                    owner_id=user_id,
+                    upload_id=new_id(),
+                    title="bench",
+                    description="",
+                    content_hash="0" * 64,
+                    size=1,
+                    filename="f",
+                    status="ready",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+    finally:
+        await db.close()
+    return user_id, video_id
+
+
+def measure_vod(folder: Path) -> dict[str, Any]:
+    db_url = f"sqlite+aiosqlite:///{folder}/vod.db"
+    user_id, video_id = asyncio.run(prepare_video(db_url))
+    port = free_port()
+    key = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    redis_url = REDIS_URL if redis_reachable() else "memory://"
+    env = os.environ | {
+        "VOD_DB_URL": db_url,
+        "VOD_REDIS_URL": redis_url,
+        "VOD_AMQP_URL": "memory://",
+        "VOD_BLOB_URL": f"file://{folder}/blobs",
+        "VOD_API_URL": f"http://127.0.0.1:{port}",
+        "VOD_STREAM_URL": "http://127.0.0.1:1",
+        "VOD_SCHEDULER_URL": "http://127.0.0.1:1",
+        "VOD_INTERNAL_TOKEN": INTERNAL_TOKEN,
+        "VOD_JWT_PRIVATE_KEY": key.decode(),
+        "VOD_API_PORT": str(port),
+        "VOD_NAMESPACE": f"vodbench_{secrets.token_hex(3)}",
+        "VOD_DANMAKU_RATE": "1000000/1",
+        "VOD_LOG_LEVEL": "WARNING",
+        "VOD_SHUTDOWN_TIMEOUT": "2",
+    }
+    process = subprocess.Popen([sys.executable, "-m", "api_service"], cwd=ROOT, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base + "/healthz")
+        identity = Identity(user_id, "bench", "t", "f", int(time.time()) + 3600)
+        headers = {"X-Internal-Token": INTERNAL_TOKEN, **identity.to_headers()}
+        live_url = f"ws://127.0.0.1:{port}/api/v1/videos/{video_id}/live"
+        send_url = f"{base}/api/v1/videos/{video_id}/danmaku"
+        # Anonymous viewers, but past the internal-token check, as behind the gateway.
+        viewer_headers = {"X-Internal-Token": INTERNAL_TOKEN}
+        steps = asyncio.run(run_rates(live_url, send_url, headers, viewer_headers, process.pid))
+    finally:
+        stop(process)
+    return {"redis": "real" if redis_url.startswith("redis") else "embedded", "steps": steps}
+
+
+def measure_bare() -> dict[str, Any]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.danmaku", "--bare-server", str(port)], cwd=ROOT
+    )
+    try:
+        for _ in range(300):
+            try:
+                with socket.create_connection(("127.0.0.1", port), 0.2):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        steps = asyncio.run(
+            run_rates(
+                f"ws://127.0.0.1:{port}/live", f"http://127.0.0.1:{port}/send", {}, {}, process.pid
+            )
+        )
+    finally:
+        stop(process)
+    return {"steps": steps}
+
+
+def best(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
+    sustained = [s for s in steps if s["sustained"]]
+    return max(sustained, key=lambda s: s["deliveries_per_s"]) if sustained else None
+
+
+def run() -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="vod-bench-danmaku-") as folder:
+        vod = measure_vod(Path(folder))
+    bare = measure_bare()
+    vod_best, bare_best = best(vod["steps"]), best(bare["steps"])
+    at_10 = {
+        name: next((s for s in r["steps"] if s["rate"] == REPORTED_RATE), None)
+        for name, r in (("vod", vod), ("bare", bare))
+    }
+    return {
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "viewers": VIEWERS,
+        "step_seconds": STEP_SECONDS,
+        "cpus": os.cpu_count(),
+        "vod": vod,
+        "bare": bare,
+        "vod_best": vod_best,
+        "bare_best": bare_best,
+        "at_10_per_s": at_10,
+        "ratio_best_deliveries": (
+            round(vod_best["deliveries_per_s"] / bare_best["deliveries_per_s"], 2)
+            if vod_best and bare_best
+            else None
+        ),
+    }
+
+
+def summarize(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{result['viewers']} viewers of one video, {result['step_seconds']:g} s per rate step."
+    ]
+    for name in ("vod", "bare"):
+        top = result.get(f"{name}_best")
+        at10 = result["at_10_per_s"].get(name)
+        if top:
+            lines.append(
+                f"- {name}: best sustained {top['deliveries_per_s']:,} deliveries/s at "
+                f"{top['rate']} danmaku/s (p99 {top['p99_ms']} ms, server CPU "
+                f"{top['server_cpu_percent']} %, client CPU {top['client_cpu_percent']} %)"
+            )
+        if at10:
+            lines.append(f"  - at 10 danmaku/s: p50 {at10['p50_ms']} ms, p99 {at10['p99_ms']} ms")
+    if result.get("ratio_best_deliveries") is not None:
+        lines.append(f"- vod / bare best deliveries: {result['ratio_best_deliveries']}x")
+    return lines
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--bare-server":  # noqa: PLR2004
+    bare_server(int(sys.argv[2]))

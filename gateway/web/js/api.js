@@ -1,0 +1,198 @@
+// The API client: the signed-in session, silent token refresh, problem documents in words.
+//
+// Refresh tokens are single use and rotating: presenting a spent one revokes the whole
+// family (everyone signed out). So at most one refresh is in flight, in this tab (one
+// shared promise) and across tabs (a Web Lock; after taking it, a tab first looks whether
+// another tab already refreshed and stored a newer pair).
+
+export const API = "/api/v1";
+const STORAGE_KEY = "vod.session";
+// Refresh this long before the access token expires (15 min lifetime).
+const REFRESH_MARGIN_MS = 60 * 1000;
+
+export class ApiError extends Error {
+  constructor(status, problem, message) {
+    super(message);
+    this.status = status;
+    this.code = (problem && problem.code) || (status === 0 ? "offline" : "http_" + status);
+    this.problem = problem || {};
+  }
+}
+
+function readStored() {
+  try {
+    return JSON.parse(localStorage.getItem(STORAGE_KEY) || "null");
+  } catch {
+    return null;
+  }
+}
+
+// Words for a failed request: the server's detail when it sent one, else our own.
+export function describeError(error) {
+  if (!(error instanceof ApiError)) return String((error && error.message) || error);
+  if (error.status === 0) return "You appear to be offline: check your connection and try again.";
+  if (error.status === 413) {
+    return error.problem.detail || "That file is too big, or over your storage quota.";
+  }
+  if (error.status === 429) return error.problem.detail || "Too many requests: wait a moment and try again.";
+  if (error.status >= 500) return "The server had a problem. Please try again in a moment.";
+  return error.problem.detail || error.problem.title || error.message;
+}
+
+async function parseBody(response) {
+  const type = response.headers.get("Content-Type") || "";
+  if (response.status === 204) return null;
+  if (type.includes("json")) return response.json();
+  return response.text();
+}
+
+export class Session extends EventTarget {
+  constructor() {
+    super();
+    this.state = readStored(); // {access_token, refresh_token, expires_at, user}
+    this.refreshing = null;
+    this.timer = null;
+    // Another tab signed in, refreshed or signed out: follow it.
+    window.addEventListener("storage", (event) => {
+      if (event.key !== STORAGE_KEY) return;
+      this.state = readStored();
+      this.schedule();
+      this.dispatchEvent(new Event("change"));
+    });
+    this.schedule();
+  }
+
+  get user() {
+    return this.state && this.state.user;
+  }
+
+  get signedIn() {
+    return Boolean(this.state && this.state.access_token);
+  }
+
+  get accessToken() {
+    return this.state ? this.state.access_token : null;
+  }
+
+  store(state) {
+    this.state = state;
+    if (state) localStorage.setItem(STORAGE_KEY, JSON.stringify(state));
+    else localStorage.removeItem(STORAGE_KEY);
+    this.schedule();
+    this.dispatchEvent(new Event("change"));
+  }
+
+  schedule() {
+    clearTimeout(this.timer);
+    if (!this.state) return;
+    const due = Math.max(0, this.state.expires_at - REFRESH_MARGIN_MS - Date.now());
+    this.timer = setTimeout(() => this.refresh().catch(() => {}), due);
+  }
+
+  async signIn(username, password) {
+    const tokens = await request("POST", "/sessions", { body: { username, password } });
+    this.store(pairToState(tokens, null));
+    const user = await this.fetch("GET", "/users/me");
+    this.store({ ...this.state, user });
+    return user;
+  }
+
+  async signOut() {
+    const token = this.accessToken;
+    this.store(null);
+    if (token) {
+      // The server revokes the access token and its refresh family; signed out locally
+      // whatever it answers.
+      await request("DELETE", "/sessions", { token }).catch(() => {});
+    }
+  }
+
+  // Ends the session locally, telling the page why (it shows the sign-in form).
+  expire(reason) {
+    this.store(null);
+    this.dispatchEvent(new CustomEvent("expired", { detail: reason }));
+  }
+
+  refresh() {
+    if (!this.refreshing) {
+      this.refreshing = this.refreshOnce().finally(() => {
+        this.refreshing = null;
+      });
+    }
+    return this.refreshing;
+  }
+
+  async refreshOnce() {
+    const spent = this.state && this.state.refresh_token;
+    if (!spent) throw new ApiError(401, { code: "not_signed_in" }, "Not signed in");
+    const run = async () => {
+      const latest = readStored();
+      if (latest && latest.refresh_token !== spent) {
+        // Another tab refreshed while we waited for the lock: its pair is ours too.
+        this.store(latest);
+        return;
+      }
+      try {
+        const tokens = await request("POST", "/sessions/refresh", { body: { refresh_token: spent } });
+        this.store(pairToState(tokens, this.user));
+      } catch (error) {
+        if (error.status === 401) this.expire("Your session has ended. Please sign in again.");
+        throw error;
+      }
+    };
+    if (navigator.locks) return navigator.locks.request("vod-session-refresh", run);
+    return run();
+  }
+
+  // An authenticated request: refreshes first when the access token is (nearly) expired,
+  // and once more on a 401; a failed refresh ends the session.
+  async fetch(method, path, options = {}) {
+    if (this.state && Date.now() > this.state.expires_at - 5000) await this.refresh();
+    try {
+      return await request(method, path, { ...options, token: this.accessToken });
+    } catch (error) {
+      if (error.status !== 401 || !this.state) throw error;
+      await this.refresh();
+      return request(method, path, { ...options, token: this.accessToken });
+    }
+  }
+
+  // A fresh access token for things that are not fetch (XHR uploads, the WebSocket).
+  async token() {
+    if (this.state && Date.now() > this.state.expires_at - 5000) await this.refresh();
+    return this.accessToken;
+  }
+}
+
+function pairToState(tokens, user) {
+  return {
+    access_token: tokens.access_token,
+    refresh_token: tokens.refresh_token,
+    expires_at: Date.now() + tokens.expires_in * 1000,
+    user,
+  };
+}
+
+// One request to the API; resolves to the parsed body, rejects with an ApiError.
+export async function request(method, path, { body, token, headers = {}, raw } = {}) {
+  const init = { method, headers: { ...headers } };
+  if (token) init.headers.Authorization = "Bearer " + token;
+  if (raw !== undefined) {
+    init.body = raw;
+  } else if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(API + path, init);
+  } catch (error) {
+    throw new ApiError(0, null, "Network error: " + error.message);
+  }
+  const parsed = await parseBody(response).catch(() => null);
+  if (!response.ok) {
+    const problem = parsed && typeof parsed === "object" ? parsed : null;
+    throw new ApiError(response.status, problem, (problem && problem.detail) || response.statusText);
+  }
+  return parsed;
+}

@@ -1,0 +1,1 @@
+"""HTTP handlers of the scheduler's admin API: parse, one service call, serialise."""

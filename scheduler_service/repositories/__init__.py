@@ -1,0 +1,1 @@
+"""SQLAlchemy Core access to the tables the scheduler owns; frozen dataclasses out."""

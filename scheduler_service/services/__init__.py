@@ -1,0 +1,1 @@
+"""The scheduler's business rules: video deletion, media processing, admin views."""
