@@ -92,6 +92,7 @@ def consumers_ctx(registrars: Sequence[ConsumerRegistrar]) -> CleanupContext:
             app[BUS],
             metrics=app[SCHEDULER_METRICS],
             depth_interval=app[OPTIONS].queue_depth_interval,
+            kv=app[KV],
         )
         backends = Backends(
             settings=settings,
@@ -104,7 +105,6 @@ def consumers_ctx(registrars: Sequence[ConsumerRegistrar]) -> CleanupContext:
         for register in registrars:
             register(group, backends)
         app[CONSUMER_GROUP] = group
-        app[ADMIN] = AdminService(app[DB], app[BUS], group, DeletionRepository(app[DB]))
         await group.start()
         try:
             yield
@@ -134,6 +134,14 @@ async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
         metrics=app[SCHEDULER_METRICS],
     )
     app[JOB_RUNNER] = runner
+    app[ADMIN] = AdminService(
+        db=app[DB],
+        kv=app[KV],
+        bus=app[BUS],
+        group=app[CONSUMER_GROUP],
+        jobs=runner,
+        deletions=DeletionRepository(app[DB]),
+    )
     runner.start()
     try:
         yield

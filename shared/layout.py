@@ -87,3 +87,24 @@ STREAM_CACHE_PREFIX = "stream"
 
 def stream_cache_key(video_id: str) -> str:
     return f"cache:{STREAM_CACHE_PREFIX}:{video_id}"
+
+
+# Danmaku in Redis: one sorted set per video and 6-minute segment of its timeline. The api
+# writes and reads them; the scheduler removes them all when the video is deleted.
+DANMAKU_BUCKET_MS = 6 * 60 * 1000
+# The latest offset a danmaku may have (24 h), so a video's buckets are a known, short list.
+MAX_DANMAKU_OFFSET_MS = 24 * 60 * 60 * 1000
+
+
+def danmaku_bucket_of(offset_ms: int) -> int:
+    return offset_ms // DANMAKU_BUCKET_MS
+
+
+def danmaku_bucket_key(video_id: str, bucket: int) -> str:
+    return f"danmaku:{video_id}:{bucket}"
+
+
+def danmaku_bucket_keys(video_id: str) -> list[str]:
+    """Every bucket key a video's danmaku can occupy (241 keys: offsets 0 to 24 h)."""
+    last = danmaku_bucket_of(MAX_DANMAKU_OFFSET_MS)
+    return [danmaku_bucket_key(video_id, bucket) for bucket in range(last + 1)]

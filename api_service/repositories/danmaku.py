@@ -28,8 +28,9 @@ from sqlalchemy import select
 from shared.db import Database
 from shared.db.schema import danmaku, users
 from shared.kv import KeyValueStore
+from shared.layout import DANMAKU_BUCKET_MS, danmaku_bucket_key, danmaku_bucket_of
 
-BUCKET_MS: Final = 6 * 60 * 1000
+BUCKET_MS: Final = DANMAKU_BUCKET_MS
 BUCKET_TTL_SECONDS: Final = 24 * 60 * 60
 # Most danmaku one bucket load reads from the database (and one window returns).
 MAX_BUCKET_ITEMS: Final = 10_000
@@ -67,12 +68,9 @@ return 1
 """
 
 
-def bucket_of(offset_ms: int) -> int:
-    return offset_ms // BUCKET_MS
-
-
-def bucket_key(video_id: str, bucket: int) -> str:
-    return f"danmaku:{video_id}:{bucket}"
+# The key layout is shared with the scheduler, which removes a deleted video's buckets.
+bucket_of = danmaku_bucket_of
+bucket_key = danmaku_bucket_key
 
 
 def encode_member(item: dict[str, Any]) -> str:

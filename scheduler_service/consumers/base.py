@@ -13,6 +13,10 @@ after ``max_attempts`` failures (``shared.bus``). What this module adds:
 - **Permanent failures**: a handler raises ``PermanentError`` (a payload that breaks a
   rule, a file that cannot be decoded) and the message is parked at once, not retried.
 - **Metrics**: every settled delivery, duplicates, and queue depths (ready and parked).
+- **Unacked counts**: AMQP tells no one how many messages consumers hold unacked, so each
+  group counts its handlers in flight per queue and, every ``depth_interval``, writes the
+  counts to the Redis hash ``consumers:unacked`` (field ``<queue>|<replica>``, value
+  ``<count>|<unix time>``); ``unacked`` adds up the fresh entries of every replica.
 
 A handler whose work is not only database rows (files, thumbnails) must make that work
 safe to repeat: it happens before the commit, and the commit may still fail.
@@ -33,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -41,6 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_service import cancellation
 from scheduler_service.jobs.blob_collector import DEFAULT_GRACE
+from scheduler_service.jobs.lease import replica_name
 from scheduler_service.metrics import SchedulerMetrics
 from shared.blobs import BlobStore
 from shared.bus import (
@@ -55,7 +62,7 @@ from shared.bus import (
 from shared.bus.port import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_DELAYS
 from shared.db import Database, DuplicateKeyError, translate_errors
 from shared.db.schema import processed_messages
-from shared.kv import KeyValueStore
+from shared.kv import KeyValueError, KeyValueStore
 from shared.settings import Settings
 
 __all__ = [
@@ -76,6 +83,7 @@ DEFAULT_DEPTH_INTERVAL = 15.0
 # The widths of processed_messages' key columns.
 MAX_CONSUMER_CHARS = 64
 MAX_MESSAGE_ID_CHARS = 64
+UNACKED_KEY = "consumers:unacked"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -131,7 +139,9 @@ class ConsumerGroup:
         metrics: SchedulerMetrics | None = None,
         depth_interval: float = DEFAULT_DEPTH_INTERVAL,
         on_outcome: Callable[[Outcome], None] | None = None,
+        kv: KeyValueStore | None = None,
     ) -> None:
+        """``kv``: where the unacked counts of every replica meet (None: this one only)."""
         self._db = db
         self._bus = bus
         self._metrics = metrics or SchedulerMetrics()
@@ -142,6 +152,9 @@ class ConsumerGroup:
         self._registrations: dict[str, _Registration] = {}
         self._subscriptions: list[Subscription] = []
         self._depth_task: asyncio.Task[None] | None = None
+        self._kv = kv
+        self._replica = f"{replica_name()}:{secrets.token_hex(4)}"
+        self._in_flight: dict[str, int] = {}
 
     @property
     def queues(self) -> list[str]:
@@ -199,7 +212,7 @@ class ConsumerGroup:
                     await self._bus.subscribe(
                         registration.queue,
                         registration.routing_keys,
-                        registration.handler,
+                        self._counted(registration.queue, registration.handler),
                         prefetch=registration.prefetch,
                         max_attempts=registration.max_attempts,
                         retry_delays=registration.retry_delays,
@@ -222,6 +235,7 @@ class ConsumerGroup:
             self._depth_task = None
         subscriptions, self._subscriptions = self._subscriptions, []
         await asyncio.gather(*(s.close(grace=grace) for s in subscriptions))
+        await self._forget_unacked()
 
     async def refresh_depths(self) -> None:
         """Read every queue's depth (ready and parked) from the broker into the gauges."""
@@ -232,8 +246,64 @@ class ConsumerGroup:
             self._metrics.queue_depth.labels(queue, "ready").set(ready)
             self._metrics.queue_depth.labels(queue, "parked").set(parked)
 
+    def _counted(self, queue: str, handler: Handler) -> Handler:
+        """``handler``, counting the messages it holds (unacked until it returns)."""
+        self._in_flight.setdefault(queue, 0)
+
+        async def counted(event: Event) -> None:
+            self._in_flight[queue] += 1
+            try:
+                await handler(event)
+            finally:
+                self._in_flight[queue] -= 1
+
+        return counted
+
+    async def unacked(self) -> dict[str, int]:
+        """Messages consumers hold unacked, per queue: this replica's now, and the
+        others' as they last reported them (within three ``depth_interval``)."""
+        counts = dict.fromkeys(self._registrations, 0) | self._in_flight
+        if self._kv is None:
+            return counts
+        oldest = time.time() - 3 * self._depth_interval
+        stale = []
+        for field_, value in (await self._kv.hgetall(UNACKED_KEY)).items():
+            queue, _, replica = field_.partition("|")
+            reported, _, at = value.partition("|")
+            if not (reported.isdigit() and _is_number(at)) or float(at) < oldest:
+                stale.append(field_)
+            elif replica != self._replica and queue in counts:
+                counts[queue] += int(reported)
+        if stale:
+            await self._kv.hdel(UNACKED_KEY, *stale)
+        return counts
+
+    async def _report_unacked(self) -> None:
+        if self._kv is None or not self._in_flight:
+            return
+        now = f"{time.time():.3f}"
+        await self._kv.hset(
+            UNACKED_KEY,
+            {
+                f"{queue}|{self._replica}": f"{count}|{now}"
+                for queue, count in self._in_flight.items()
+            },
+        )
+
+    async def _forget_unacked(self) -> None:
+        if self._kv is None or not self._in_flight:
+            return
+        try:
+            await self._kv.hdel(UNACKED_KEY, *(f"{q}|{self._replica}" for q in self._in_flight))
+        except KeyValueError as exc:
+            logger.warning("consumers: could not remove this replica's unacked counts: %s", exc)
+
     async def _refresh_depths_forever(self) -> None:
         while True:
+            try:
+                await self._report_unacked()
+            except KeyValueError as exc:
+                logger.warning("consumers: cannot report unacked counts: %s", exc)
             try:
                 await self.refresh_depths()
             except BusUnavailableError as exc:
@@ -284,6 +354,14 @@ class _Idempotent:
                 await self._handler(conn, event)
         if not first_time:
             self._on_duplicate(self._consumer, event)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 ConsumerRegistrar = Callable[[ConsumerGroup, Backends], None]

@@ -21,7 +21,9 @@ async def _admin(request: web.Request) -> AdminService:
 
 def _limit(request: web.Request) -> int:
     raw = request.query.get("limit", str(DEFAULT_LIMIT))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    # isascii: str.isdigit() accepts Unicode digits ("²") that int() refuses.
+    digits = raw.isascii() and raw.isdigit() and len(raw) <= len(str(MAX_LIMIT))
+    if not digits or not 1 <= int(raw) <= MAX_LIMIT:
         raise BadRequestError(
             f"limit must be an integer from 1 to {MAX_LIMIT}.", code="invalid_limit"
         )
@@ -31,6 +33,11 @@ def _limit(request: web.Request) -> int:
 async def list_queues(request: web.Request) -> web.Response:
     service = await _admin(request)
     return json_response({"items": await service.queues()})
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    service = await _admin(request)
+    return json_response({"items": await service.jobs()})
 
 
 async def list_parked(request: web.Request) -> web.Response:

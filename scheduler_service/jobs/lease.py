@@ -50,6 +50,11 @@ def replica_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def holder_of(token: str) -> str:
+    """Who holds a lease, from its token (the owner, without the random part)."""
+    return token.rpartition(":")[0] or token
+
+
 class Lease:
     """A named, expiring, exclusive claim; one object per attempt to hold it.
 

@@ -11,6 +11,10 @@ Every replica runs a ``JobRunner`` with the same jobs. On each tick of a job a r
    the job about once per interval however many replicas there are;
 5. releases the lease (compare-and-delete), so another replica can run it next time.
 
+Every run that did something (ok, failed, lost) is written to ``job-last-run:<name>``
+(a Redis hash: result, items, error, replica, finished_at), so ``status`` shows any
+replica's last run and the admin API can say what each timer did and when it is due.
+
 Replicas tick every ``interval / 4`` (but at least every ``max_tick`` s), so a job runs
 within about a quarter interval of falling due, and the run of a replica that crashed
 midway is taken up at the first tick after its lease expired. A failed run sets no
@@ -25,10 +29,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from scheduler_service import cancellation
-from scheduler_service.jobs.lease import Lease, LeaseLostError, hold
+from scheduler_service.jobs.lease import Lease, LeaseLostError, hold, holder_of, replica_name
 from scheduler_service.metrics import SchedulerMetrics
 from shared.db import DatabaseUnavailableError
 from shared.errors import ServiceUnavailableError
@@ -40,6 +45,11 @@ JobResult = Literal["ok", "failed", "lost", "busy", "not_due"]
 
 DEFAULT_LEASE_TTL = 60.0
 DEFAULT_MAX_TICK = 60.0
+LAST_RUN_TTL = 7 * 24 * 3600.0
+
+
+def _last_run_key(name: str) -> str:
+    return f"job-last-run:{name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +63,17 @@ class PeriodicJob:
     def __post_init__(self) -> None:
         if self.interval <= 0:
             raise ValueError("a job's interval must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatus:
+    """One timer as the whole cluster sees it, read from Redis."""
+
+    name: str
+    interval: float
+    lease_holder: str | None  # the replica running it now, if any
+    last_run: dict[str, str] | None  # result, items, error, replica, finished_at
+    next_run_at: datetime | None  # None: due now, at some replica's next tick
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +116,26 @@ class JobRunner:
     def jobs(self) -> list[PeriodicJob]:
         return list(self._jobs.values())
 
+    async def status(self) -> list[JobStatus]:
+        """Every job's lease holder, last run and next due time (``KeyValueError`` if
+        Redis cannot be read)."""
+        now = datetime.now(UTC)
+        found = []
+        for job in self._jobs.values():
+            token = await self._kv.get(f"lease:job:{job.name}")
+            last = await self._kv.hgetall(_last_run_key(job.name))
+            due_in_ms = await self._kv.pttl(f"job-done:{job.name}")
+            found.append(
+                JobStatus(
+                    name=job.name,
+                    interval=job.interval,
+                    lease_holder=None if token is None else holder_of(token),
+                    last_run=last or None,
+                    next_run_at=now + timedelta(milliseconds=due_in_ms) if due_in_ms > 0 else None,
+                )
+            )
+        return found
+
     def start(self) -> None:
         """One task per job, ticking at once and then every quarter interval."""
         if self._tasks:
@@ -129,7 +170,9 @@ class JobRunner:
         if not acquired:
             return self._report(JobRun(name, "busy"))
         try:
-            return self._report(await self._run_holding(job, lease))
+            run = self._report(await self._run_holding(job, lease))
+            await self._remember(run)
+            return run
         finally:
             try:
                 await lease.release()
@@ -158,6 +201,28 @@ class JobRunner:
             return JobRun(job.name, "failed", error=f"{type(exc).__name__}: {exc}")
         logger.info("job %s done: %d removed", job.name, items, extra={"job": job.name})
         return JobRun(job.name, "ok", items=items)
+
+    async def _remember(self, run: JobRun) -> None:
+        """Write a run that did something where every replica's ``status`` reads it."""
+        if run.result not in ("ok", "failed", "lost"):
+            return
+        finished = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        try:
+            key = _last_run_key(run.job)
+            await self._kv.hset(
+                key,
+                {
+                    "result": run.result,
+                    "items": run.items,
+                    "error": run.error or "",
+                    "replica": self._owner or replica_name(),
+                    "finished_at": finished,
+                },
+            )
+            # Outlives any interval worth showing; a job removed from the code goes away.
+            await self._kv.expire(key, LAST_RUN_TTL)
+        except KeyValueError as exc:
+            logger.warning("job %s: could not record its last run: %s", run.job, exc)
 
     def _report(self, run: JobRun) -> JobRun:
         self._metrics.job_runs.labels(run.job, run.result).inc()

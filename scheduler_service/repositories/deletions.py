@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -95,32 +96,49 @@ class DeletionRepository:
             )
             return [row.video_id for row in rows]
 
-    async def mark_step(
-        self, conn: AsyncConnection, record: DeletionRecord, step: str, now: datetime
+    async def mark_steps(
+        self,
+        conn: AsyncConnection,
+        record: DeletionRecord,
+        steps: Sequence[str],
+        now: datetime,
+        *,
+        finished: bool = False,
     ) -> bool:
-        """Append ``step`` to the steps done, in the caller's transaction.
+        """Append ``steps`` to the steps done (and, if ``finished``, mark the deletion done),
+        in the caller's transaction.
 
         Conditional on the steps the caller read: if another runner advanced the record
-        meanwhile, nothing changes and False tells the caller to roll back its step.
+        meanwhile, nothing changes and False tells the caller to roll back its work. On
+        MySQL the update also locks the row until the caller's commit, so a second runner
+        waits here and then finds the record advanced.
         """
-        steps = ",".join((*record.steps_done, step))
+        values: dict[str, object] = {
+            "steps_done": ",".join((*record.steps_done, *steps)),
+            "updated_at": now,
+        }
+        if finished:
+            values |= {"state": DONE, "finished_at": now, "last_error": None}
         result = await conn.execute(
             update(video_deletions)
             .where(
                 video_deletions.c.video_id == record.video_id,
                 video_deletions.c.steps_done == ",".join(record.steps_done),
             )
-            .values(steps_done=steps, updated_at=now)
+            .values(values)
         )
         return result.rowcount == 1
 
-    async def finish(self, video_id: str, now: datetime) -> None:
-        async with self._db.transaction() as conn:
-            await conn.execute(
-                update(video_deletions)
-                .where(video_deletions.c.video_id == video_id)
-                .values(state=DONE, finished_at=now, updated_at=now, last_error=None)
-            )
+    async def set_steps(
+        self, conn: AsyncConnection, video_id: str, steps: Sequence[str], now: datetime
+    ) -> None:
+        """Overwrite the steps done, in a transaction that already holds the row (after
+        ``mark_steps`` claimed more than it could finish)."""
+        await conn.execute(
+            update(video_deletions)
+            .where(video_deletions.c.video_id == video_id)
+            .values(steps_done=",".join(steps), updated_at=now)
+        )
 
     async def note_failure(self, video_id: str, error: str, now: datetime) -> None:
         async with self._db.transaction() as conn:

@@ -41,6 +41,7 @@ from shared.bus.port import (
     Outcome,
     ParkedMessage,
     PermanentError,
+    QueueStats,
     Subscription,
 )
 from shared.bus.rabbit import DEFAULT_TIMEOUT, RabbitBus, RabbitSubscription
@@ -60,6 +61,7 @@ __all__ = [
     "Outcome",
     "ParkedMessage",
     "PermanentError",
+    "QueueStats",
     "RabbitBus",
     "RabbitSubscription",
     "Subscription",

@@ -33,6 +33,7 @@ from shared.bus.port import (
     OutcomeResult,
     ParkedMessage,
     QueueSpec,
+    QueueStats,
     attempts_of,
     check_name,
     describe,
@@ -40,6 +41,7 @@ from shared.bus.port import (
     outgoing_headers,
     parked_headers,
     parked_message,
+    requeued_headers,
 )
 from shared.logging import request_id_var
 
@@ -439,6 +441,34 @@ class MemoryBus:
             parked_message(m.body, dict(m.headers), m.routing_key)
             for m in list(parked.ready)[:limit]
         ]
+
+    async def requeue_parked(self, queue: str, *, limit: int = 100) -> int:
+        self._check_open()
+        check_name("queue", queue)
+        main = self.broker.queues.get(f"{self._namespace}.{queue}")
+        parked = self.broker.queues.get(f"{self._namespace}.{queue}.parked")
+        if main is None or parked is None:
+            return 0
+        moved = 0
+        while parked.ready and moved < limit:
+            message = parked.ready.popleft()
+            main.put(_Message(message.body, requeued_headers(message.headers), message.routing_key))
+            moved += 1
+        return moved
+
+    async def queue_stats(self, queue: str) -> QueueStats:
+        self._check_open()
+        check_name("queue", queue)
+        main = self.broker.queues.get(f"{self._namespace}.{queue}")
+        parked = self.broker.queues.get(f"{self._namespace}.{queue}.parked")
+        if main is None:
+            return QueueStats(ready=0, retrying=0, parked=0, consumers=0)
+        return QueueStats(
+            ready=len(main.ready),
+            retrying=len(main.delayed),
+            parked=0 if parked is None else len(parked.ready),
+            consumers=len(main.consumers),
+        )
 
     async def queue_depth(self, queue: str) -> int:
         self._check_open()

@@ -88,6 +88,20 @@ class ParkedMessage:
             return None
 
 
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Where the messages of one consumer queue are, as far as the broker can tell.
+
+    Messages a consumer holds unacked are in none of these: AMQP reports only the ready
+    count of a queue (the consumers know their own; ``scheduler_service`` adds them up).
+    """
+
+    ready: int  # waiting in the queue for a consumer
+    retrying: int  # waiting out a retry delay (in the delay queues)
+    parked: int  # given up, waiting for an operator
+    consumers: int  # subscriptions taking messages from the queue now
+
+
 class Subscription(Protocol):
     @property
     def queue(self) -> str:
@@ -176,8 +190,24 @@ class MessageBus(Protocol):
         """Everything in ``queue``'s parking queue, oldest first, left in place."""
         ...
 
+    async def requeue_parked(self, queue: str, *, limit: int = 100) -> int:
+        """Move up to ``limit`` parked messages of ``queue`` back to it, oldest first;
+        returns how many moved.
+
+        Each starts again with a full set of attempts: its attempt count, error and
+        parking time are dropped; body, request id, other headers and original routing
+        key are kept. A message is put back in the main queue before it leaves the parking
+        queue, so a crash in between duplicates it (consumers deduplicate) and never loses
+        it. A queue never declared moves nothing.
+        """
+        ...
+
     async def queue_depth(self, queue: str) -> int:
         """Messages waiting in ``queue`` (not counting those being handled or delayed)."""
+        ...
+
+    async def queue_stats(self, queue: str) -> QueueStats:
+        """Ready, retrying and parked counts of a consumer queue; zeros if never declared."""
         ...
 
     async def ping(self) -> None:
@@ -298,6 +328,12 @@ def next_step_after(spec: QueueSpec, failures: int, exc: BaseException) -> tuple
 
 def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+
+
+def requeued_headers(headers: Mapping[str, HeaderValue]) -> Headers:
+    """A parked message's headers for its fresh start: the retry bookkeeping dropped."""
+    dropped = (ATTEMPTS_HEADER, ERROR_HEADER, PARKED_AT_HEADER)
+    return {key: value for key, value in headers.items() if key not in dropped}
 
 
 def parked_message(body: bytes, headers: Headers, routing_key: str) -> ParkedMessage:

@@ -49,6 +49,7 @@ from shared.bus.port import (
     DEFAULT_PREFETCH,
     DEFAULT_RETRY_DELAYS,
     REQUEST_ID_HEADER,
+    ROUTING_KEY_HEADER,
     BusTopologyError,
     BusUnavailableError,
     Handler,
@@ -57,6 +58,7 @@ from shared.bus.port import (
     OutcomeResult,
     ParkedMessage,
     QueueSpec,
+    QueueStats,
     attempts_of,
     check_name,
     describe,
@@ -64,6 +66,7 @@ from shared.bus.port import (
     outgoing_headers,
     parked_headers,
     parked_message,
+    requeued_headers,
 )
 from shared.logging import request_id_var
 
@@ -342,6 +345,74 @@ class RabbitBus:
                 found.append(parked_message(got.body, headers, got.routing_key or ""))
         return found
 
+    async def requeue_parked(self, queue: str, *, limit: int = 100) -> int:
+        check_name("queue", queue)
+        main = f"{self._namespace}.{queue}"
+        moved = 0
+        # One bounded broker call per message: a long requeue is not one long timeout.
+        while moved < limit and await self._requeue_one(main):
+            moved += 1
+        return moved
+
+    async def _requeue_one(self, main: str) -> bool:
+        """Take the oldest parked message unacked, publish it to ``main`` with a confirm,
+        and only then ack it; False when there is none (or no main queue to take it)."""
+        async with self._broker_call("requeue parked"), self._raw_channel() as channel:
+            try:
+                await channel.queue_declare(f"{main}.parked", passive=True)
+            except ChannelNotFoundEntity:
+                return False
+            got = await channel.basic_get(f"{main}.parked", no_ack=False)
+            if not isinstance(got.delivery, spec.Basic.GetOk):
+                return False
+            tag = got.delivery.delivery_tag or 0
+            properties = got.header.properties
+            copy = aio_pika.Message(
+                got.body,
+                headers=_amqp_headers(requeued_headers(_plain_headers(properties.headers or {}))),
+                content_type=properties.content_type,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=properties.message_id,
+                timestamp=properties.timestamp,
+                type=properties.message_type,
+            )
+            if not await self.publish_to_queue(main, copy):
+                # No main queue (its consumer never ran here): leave the message parked.
+                await channel.basic_reject(tag, requeue=True)
+                return False
+            await channel.basic_ack(tag)
+        return True
+
+    async def queue_stats(self, queue: str) -> QueueStats:
+        check_name("queue", queue)
+        main = f"{self._namespace}.{queue}"
+        declared = await self._declared(main)
+        if declared is None:
+            return QueueStats(ready=0, retrying=0, parked=0, consumers=0)
+        parked = await self._declared(f"{main}.parked")
+        retrying = 0
+        # As many delay queues as whoever declared the queue asked for: probe until one
+        # is missing.
+        for index in range(1, MAX_RETRY_QUEUES_PROBED + 1):
+            retry = await self._declared(f"{main}.retry.{index}")
+            if retry is None:
+                break
+            retrying += retry.message_count or 0
+        return QueueStats(
+            ready=declared.message_count or 0,
+            retrying=retrying,
+            parked=0 if parked is None else parked.message_count or 0,
+            consumers=declared.consumer_count or 0,
+        )
+
+    async def _declared(self, name: str) -> spec.Queue.DeclareOk | None:
+        """A passive declare of the full queue name ``name``; None if it does not exist."""
+        async with self._broker_call("queue stats"), self._raw_channel() as channel:
+            try:
+                return await channel.queue_declare(name, passive=True)
+            except ChannelNotFoundEntity:
+                return None
+
     async def queue_depth(self, queue: str) -> int:
         check_name("queue", queue)
         async with self._broker_call("queue depth"), self._raw_channel() as channel:
@@ -436,7 +507,9 @@ class RabbitSubscription:
     async def _process(self, message: AbstractIncomingMessage) -> None:
         headers = _plain_headers(message.headers)
         failures = attempts_of(headers)
-        routing_key = message.routing_key or ""
+        # A retried or requeued message arrives through the default exchange, under the
+        # queue's name: the key it was published with travels in a header.
+        routing_key = str(headers.get(ROUTING_KEY_HEADER) or message.routing_key or "")
         request_id = headers.get(REQUEST_ID_HEADER)
         request_id_var.set(request_id if isinstance(request_id, str) else None)
         try:
@@ -471,6 +544,7 @@ class RabbitSubscription:
         exc: Exception,
     ) -> None:
         error = describe(exc)
+        routing_key = str(headers.get(ROUTING_KEY_HEADER) or message.routing_key or "")
         step = next_step_after(self._spec, failures, exc)
         if step is None:
             logger.error(
@@ -481,7 +555,7 @@ class RabbitSubscription:
                 exc_info=exc,
             )
             await self._park(message, headers, error, failures)
-            self._report(message.routing_key or "", event.id, "parked", failures, error)
+            self._report(routing_key, event.id, "parked", failures, error)
             return
         retry_queue, delay = step
         logger.warning(
@@ -494,8 +568,9 @@ class RabbitSubscription:
         )
         retry_headers = dict(headers)
         retry_headers[ATTEMPTS_HEADER] = failures
+        retry_headers.setdefault(ROUTING_KEY_HEADER, routing_key)
         if await self._move(message, retry_queue, retry_headers):
-            self._report(message.routing_key or "", event.id, "retried", failures, error)
+            self._report(routing_key, event.id, "retried", failures, error)
 
     async def _park(
         self, message: AbstractIncomingMessage, headers: Headers, error: str, attempts: int

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from typing import Any
 
 import pytest
 
+from scheduler_service.app import BLOB_COLLECTOR_JOB, DELETION_RESUME_JOB, UPLOAD_SWEEPER_JOB
 from scheduler_service.consumers.deletions import QUEUE
+from scheduler_service.jobs.lease import Lease
+from scheduler_service.services.deletions import STEPS
 from shared.bus import Event
 from shared.db.__main__ import main as db_main
 from shared.events import VIDEO_DELETED
-from shared.resources import BUS
-from tests.api.test_deletions import Settled
+from shared.resources import BUS, KV
+from tests.api.test_deletions import WAIT, Settled
 from tests.clients import Publisher
 
 
@@ -24,19 +28,56 @@ async def _admin(stack: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return {"Authorization": f"Bearer {tokens['access_token']}"}
 
 
+ADMIN_REQUESTS = [
+    ("GET", "/api/v1/admin/queues"),
+    ("GET", "/api/v1/admin/jobs"),
+    ("GET", f"/api/v1/admin/queues/{QUEUE}/parked"),
+    ("POST", f"/api/v1/admin/queues/{QUEUE}/parked/requeue"),
+    ("GET", "/api/v1/admin/deletions/01UNKNOWN"),
+]
+
+
 async def test_only_admins_get_in(stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    anonymous = await stack.gateway.get("/api/v1/admin/queues")
-    assert anonymous.status == 401
-    user = await stack.gateway.get("/api/v1/admin/queues", headers=await stack.new_user())
-    assert user.status == 403
-    assert (await user.json())["code"] == "admin_required"
+    user = await stack.new_user()
+    for method, path in ADMIN_REQUESTS:
+        anonymous = await stack.gateway.request(method, path)
+        assert anonymous.status == 401, path
+        assert anonymous.content_type == "application/problem+json"
+        refused = await stack.gateway.request(method, path, headers=user)
+        assert refused.status == 403, path
+        assert (await refused.json())["code"] == "admin_required"
     admin = await stack.gateway.get(
         "/api/v1/admin/queues", headers=await _admin(stack, monkeypatch)
     )
     assert admin.status == 200
     queues = {q["queue"]: q for q in (await admin.json())["items"]}
-    assert queues[QUEUE] == {"queue": QUEUE, "ready": 0, "parked": 0}
-    assert "media" in queues
+    empty = {"ready": 0, "unacked": 0, "retrying": 0, "parked": 0, "consumers": 1}
+    assert queues[QUEUE] == {"queue": QUEUE} | empty
+    assert set(queues) == {QUEUE, "media", "danmaku-persistence"}
+
+
+async def test_revoking_admin_takes_effect_at_once(
+    stack: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admin = await _admin(stack, monkeypatch)
+    me = await (await stack.gateway.get("/api/v1/users/me", headers=admin)).json()
+    assert await asyncio.to_thread(db_main, ["make-admin", me["username"], "--revoke"]) == 0
+
+    response = await stack.gateway.get("/api/v1/admin/queues", headers=admin)
+
+    assert response.status == 403
+
+
+async def test_make_admin_says_what_it_did(
+    stack: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    user = await stack.sign_up()
+    monkeypatch.setenv("VOD_DB_URL", stack.settings.db_url)
+
+    assert await asyncio.to_thread(db_main, ["make-admin", user["username"]]) == 0
+    assert f"{user['username']} is now an administrator" in capsys.readouterr().out
+    assert await asyncio.to_thread(db_main, ["make-admin", user["username"], "--revoke"]) == 0
+    assert f"{user['username']} is no longer an administrator" in capsys.readouterr().out
 
 
 async def test_make_admin_names_an_unknown_user(
@@ -44,6 +85,50 @@ async def test_make_admin_names_an_unknown_user(
 ) -> None:
     monkeypatch.setenv("VOD_DB_URL", stack.settings.db_url)
     assert await asyncio.to_thread(db_main, ["make-admin", "nobody_here"]) == 2
+
+
+async def test_timers_and_the_relay_are_listed(stack: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    admin = await _admin(stack, monkeypatch)
+    scheduler = stack.servers["scheduler"].app
+    timers = {UPLOAD_SWEEPER_JOB, BLOB_COLLECTOR_JOB, DELETION_RESUME_JOB}
+
+    async def jobs() -> dict[str, dict[str, Any]]:
+        response = await stack.gateway.get("/api/v1/admin/jobs", headers=admin)
+        assert response.status == 200
+        return {job["name"]: job for job in (await response.json())["items"]}
+
+    # Every timer runs once as the scheduler starts, in the background: poll until each
+    # has recorded that run.
+    async with asyncio.timeout(WAIT):
+        while True:
+            listed = await jobs()
+            if all(listed[name]["last_run"] for name in timers):
+                break
+            await asyncio.sleep(0.02)
+    assert set(listed) == timers | {"outbox-relay"}
+    for name in timers:
+        job = listed[name]
+        assert job["kind"] == "timer"
+        assert job["last_run"]["result"] == "ok", job
+        finished = datetime.fromisoformat(job["last_run"]["finished_at"])
+        next_run = datetime.fromisoformat(job["next_run_at"])
+        # Due one interval after the run (to the second, for the time the run took).
+        assert abs((next_run - finished).total_seconds() - job["interval_seconds"]) < 5
+    relay = listed["outbox-relay"]
+    assert relay["kind"] == "relay"
+    assert relay["unsent_events"] >= 0
+
+    # Whoever holds a timer's lease is named: here an operator's tool took it.
+    lease = Lease(scheduler[KV], f"job:{BLOB_COLLECTOR_JOB}", ttl=30, owner="ops-console")
+    async with asyncio.timeout(WAIT):
+        while True:
+            if await lease.acquire():  # a tick of the scheduler's own holds it briefly
+                break
+            await asyncio.sleep(0.02)
+    try:
+        assert (await jobs())[BLOB_COLLECTOR_JOB]["lease_holder"] == "ops-console"
+    finally:
+        await lease.release()
 
 
 async def test_a_parked_message_is_listed_and_requeued(
@@ -57,7 +142,8 @@ async def test_a_parked_message_is_listed_and_requeued(
     await settled.until(lambda r: [o.result for o in r] == ["parked"])
 
     queues = await (await stack.gateway.get("/api/v1/admin/queues", headers=admin)).json()
-    assert {"queue": QUEUE, "ready": 0, "parked": 1} in queues["items"]
+    [counted] = [q for q in queues["items"] if q["queue"] == QUEUE]
+    assert (counted["ready"], counted["retrying"], counted["parked"]) == (0, 0, 1)
     parked = await stack.gateway.get(f"/api/v1/admin/queues/{QUEUE}/parked", headers=admin)
     assert parked.status == 200
     [item] = (await parked.json())["items"]
@@ -103,5 +189,5 @@ async def test_the_deletion_record_of_a_video(stack: Any, monkeypatch: pytest.Mo
     record = await response.json()
     assert record["video_id"] == video["id"]
     assert record["state"] == "done"
-    assert record["steps_done"] == ["comments", "danmaku", "video", "blob", "cache"]
+    assert record["steps_done"] == list(STEPS)
     assert record["finished_at"] is not None

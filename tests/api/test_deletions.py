@@ -14,7 +14,15 @@ from scheduler_service.jobs.blob_collector import BlobCollector
 from scheduler_service.keys import CONSUMER_GROUP
 from scheduler_service.services.deletions import STEPS, VideoDeletionRunner
 from shared.bus import Outcome
-from shared.layout import content_blob_key, thumbnail_key, video_cache_key
+from shared.layout import (
+    MAX_DANMAKU_OFFSET_MS,
+    content_blob_key,
+    danmaku_bucket_key,
+    danmaku_bucket_keys,
+    danmaku_bucket_of,
+    thumbnail_key,
+    video_cache_key,
+)
 from shared.resources import BLOBS, DB, KV
 from tests.clients import Publisher
 from tests.media_files import NOT_MEDIA
@@ -194,3 +202,97 @@ async def test_a_stalled_deletion_is_resumed_by_the_timer(stack: Any) -> None:
 
     assert await runner.resume_pending(stale_after=timedelta(minutes=5)) == 1
     assert await runner.resume_pending(stale_after=timedelta(minutes=5)) == 0
+
+
+async def _send_danmaku(stack: Any, who: Publisher, video_id: str, offset_ms: int) -> None:
+    response = await stack.gateway.post(
+        f"/api/v1/videos/{video_id}/danmaku",
+        json={"offset_ms": offset_ms, "content": "bye", "mode": "scroll", "color": "#ffffff"},
+        headers=who.auth,
+    )
+    assert response.status == 201, await response.text()
+
+
+async def test_a_deleted_videos_danmaku_leave_redis_and_a_repeat_is_harmless(
+    stack: Any,
+) -> None:
+    scheduler = stack.servers["scheduler"].app
+    kv = scheduler[KV]
+    settled = Settled(scheduler, QUEUE)
+    owner = Publisher(stack, "owner", await stack.new_user())
+    doomed, kept = await owner.video(), await owner.video()
+    # The first bucket and the very last one a danmaku can reach (a 24 h offset).
+    last_bucket = danmaku_bucket_of(MAX_DANMAKU_OFFSET_MS)
+    for video in (doomed, kept):
+        for offset in (5, MAX_DANMAKU_OFFSET_MS):
+            await _send_danmaku(stack, owner, video["id"], offset)
+    for video in (doomed, kept):
+        for bucket in (0, last_bucket):
+            assert await kv.exists(danmaku_bucket_key(video["id"], bucket))
+
+    await stack.gateway.delete(f"/api/v1/videos/{doomed['id']}", headers=owner.auth)
+    await settled.until(lambda r: any(o.result == "acked" for o in r))
+
+    assert not [k for k in danmaku_bucket_keys(doomed["id"]) if await kv.exists(k)]
+    for bucket in (0, last_bucket):
+        assert await kv.exists(danmaku_bucket_key(kept["id"], bucket))
+
+    # A runner that crashed after clearing Redis but before recording it runs the step
+    # again: nothing left to delete is not an error, and the record finishes.
+    from shared.db.schema import video_deletions
+
+    async with scheduler[DB].transaction() as conn:
+        await conn.execute(
+            update(video_deletions)
+            .where(video_deletions.c.video_id == doomed["id"])
+            .values(state="pending", steps_done=",".join(STEPS[:-1]), finished_at=None)
+        )
+    runner = VideoDeletionRunner(
+        scheduler[DB], scheduler[KV], BlobCollector(scheduler[DB], scheduler[BLOBS])
+    )
+    record = await runner.run(doomed["id"])
+
+    assert record is not None
+    assert (record.state, record.steps_done) == ("done", STEPS)
+    assert await kv.exists(danmaku_bucket_key(kept["id"], 0))
+
+
+async def test_a_video_with_more_comments_than_a_batch_is_deleted_batch_by_batch(
+    stack: Any,
+) -> None:
+    scheduler = stack.servers["scheduler"].app
+    owner = Publisher(stack, "owner", await stack.new_user())
+    video = await owner.video()
+    for n in range(5):
+        response = await stack.gateway.post(
+            f"/api/v1/videos/{video['id']}/comments", json={"content": f"c{n}"}, headers=owner.auth
+        )
+        assert response.status == 201
+    # Soft-deleted and recorded by hand (no event), so only this runner works on it.
+    from shared.db.schema import comments, videos
+
+    runner = VideoDeletionRunner(
+        scheduler[DB],
+        scheduler[KV],
+        BlobCollector(scheduler[DB], scheduler[BLOBS]),
+        batch_size=2,
+    )
+    async with scheduler[DB].transaction() as conn:
+        await conn.execute(
+            update(videos).where(videos.c.id == video["id"]).values(deleted_at=datetime.now(UTC))
+        )
+        await runner.deletions.add(
+            conn, video_id=video["id"], content_hash=video["content_hash"], now=datetime.now(UTC)
+        )
+
+    record = await runner.run(video["id"])
+
+    assert record is not None
+    assert (record.state, record.steps_done) == ("done", STEPS)
+    async with scheduler[DB].connect() as conn:
+        left = await conn.execute(select(comments).where(comments.c.video_id == video["id"]))
+        assert left.first() is None
+        assert (
+            await conn.execute(select(videos).where(videos.c.id == video["id"]))
+        ).first() is None
+    assert (await _blob(scheduler, video["content_hash"])).ref_count == 0

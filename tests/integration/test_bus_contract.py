@@ -26,6 +26,7 @@ from shared.bus import (
     MalformedEventError,
     MessageBus,
     Outcome,
+    QueueStats,
     Subscription,
     open_bus,
 )
@@ -377,6 +378,66 @@ async def test_a_malformed_body_goes_straight_to_the_parking_queue(
     assert await bus.parked(queue) == []
 
 
+async def test_requeued_parked_messages_start_again_with_every_attempt(
+    broker: Broker, bus: MessageBus
+) -> None:
+    queue = broker.queue("requeued")
+    broken = {"yes": True}
+    recorder = Recorder(fail=lambda _: broken["yes"])
+    await subscribe(bus, queue, ["job.*"], recorder, prefetch=1, max_attempts=2)
+    events = [Event.new("job.stuck", {"n": n}) for n in range(3)]
+    token = request_id_var.set("req-requeue")
+    try:
+        for event in events:
+            await bus.publish(event, headers={"x-tenant": "t1"})
+    finally:
+        request_id_var.reset(token)
+    await recorder.until(lambda: len(recorder.results("parked")) == 3)
+    # Parked after a retry: the key it was published with is still known.
+    assert {p.routing_key for p in await bus.parked_messages(queue)} == {"job.stuck"}
+
+    broken["yes"] = False  # the operator fixed the cause
+    assert await bus.requeue_parked(queue, limit=2) == 2
+    await recorder.until(lambda: len(recorder.results("acked")) == 2)
+
+    acked = recorder.results("acked")
+    assert sorted(o.event_id or "" for o in acked) == sorted(e.id for e in events[:2])
+    # A fresh start: the first run of a full set of attempts, not the third.
+    assert [(o.attempt, o.routing_key) for o in acked] == [(1, "job.stuck")] * 2
+    assert recorder.request_ids[events[0].id] == "req-requeue"
+    [left] = await bus.parked_messages(queue)
+    assert (left.event, left.attempts, left.headers["x-tenant"]) == (events[2], 2, "t1")
+
+    assert await bus.requeue_parked(queue) == 1
+    await recorder.until(lambda: len(recorder.results("acked")) == 3)
+    assert await bus.requeue_parked(queue) == 0
+    assert await bus.parked_messages(queue) == []
+    assert await bus.requeue_parked(broker.queue("never-declared")) == 0
+
+
+async def test_queue_stats_count_messages_by_state(broker: Broker, bus: MessageBus) -> None:
+    queue = broker.queue("counted")
+    # A delay far longer than the test: a failed message stays in its delay queue.
+    slow_retry = (60.0,)
+    assert await bus.queue_stats(queue) == QueueStats(ready=0, retrying=0, parked=0, consumers=0)
+    await bus.declare_queue(queue, ["job.*"], retry_delays=slow_retry)
+    for kind in ("first", "second", "fine"):
+        await bus.publish(Event.new("job.counted", {"kind": kind}))
+    assert await bus.queue_stats(queue) == QueueStats(ready=3, retrying=0, parked=0, consumers=0)
+
+    recorder = Recorder(fail=lambda e: e.data["kind"] != "fine")
+    await subscribe(
+        bus, queue, ["job.*"], recorder, retry_delays=slow_retry, max_attempts=2, prefetch=1
+    )
+    await recorder.until(lambda: len(recorder.outcomes) == 3 and not recorder.results("parked"))
+    assert await bus.queue_stats(queue) == QueueStats(ready=0, retrying=2, parked=0, consumers=1)
+    # A message that cannot be an event parks at once.
+    await bus.publish_raw("job.counted", b"not an event")
+    await recorder.until(lambda: len(recorder.results("parked")) == 1)
+
+    assert await bus.queue_stats(queue) == QueueStats(ready=0, retrying=2, parked=1, consumers=1)
+
+
 async def test_messages_published_before_subscribing_are_delivered(
     broker: Broker, bus: MessageBus
 ) -> None:
@@ -585,6 +646,9 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._pipes: set[asyncio.Task[None]] = set()
+        # Cleared by hold_upstream: what clients send waits in the relay.
+        self._upstream_open = asyncio.Event()
+        self._upstream_open.set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
@@ -593,20 +657,32 @@ class TcpProxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
         self._writers |= {writer, upstream_writer}
-        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
-            task = asyncio.create_task(self._pipe(source, sink))
+        for source, sink, gate in (
+            (reader, upstream_writer, self._upstream_open),
+            (upstream_reader, writer, None),
+        ):
+            task = asyncio.create_task(self._pipe(source, sink, gate))
             self._pipes.add(task)
             task.add_done_callback(self._pipes.discard)
 
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, gate: asyncio.Event | None
+    ) -> None:
         try:
             while data := await source.read(65536):
+                if gate is not None:
+                    await gate.wait()
                 sink.write(data)
                 await sink.drain()
         except ConnectionError:
             pass
         finally:
             sink.close()
+
+    def hold_upstream(self) -> None:
+        """Keep what clients send (acks, publishes) from reaching the broker, while the
+        broker's side still flows; until ``cut``, which throws the held bytes away."""
+        self._upstream_open.clear()
 
     async def cut(self) -> None:
         if self._server is not None:
@@ -616,7 +692,10 @@ class TcpProxy:
         for writer in self._writers:
             writer.transport.abort()
         self._writers.clear()
+        for pipe in self._pipes:
+            pipe.cancel()  # one may be waiting at a held gate
         await asyncio.gather(*self._pipes, return_exceptions=True)
+        self._upstream_open.set()
 
 
 @pytest.fixture

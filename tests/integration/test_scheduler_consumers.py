@@ -260,3 +260,44 @@ async def test_registration_rules(backends: Backends, consumers: Consumers) -> N
     with pytest.raises(RuntimeError, match="before the group starts"):
         group.register("late", ["job.late"], handle)
     assert group.queues == ["first"]
+
+
+async def test_unacked_messages_are_counted_across_replicas(backends: Backends) -> None:
+    gate = asyncio.Event()
+    holding: list[str] = []
+
+    async def handle(event: Event) -> None:
+        holding.append(event.id)
+        await gate.wait()
+
+    queue = backends.queue("unacked")
+    replicas = [
+        ConsumerGroup(backends.db, backends.bus, kv=backends.kv, depth_interval=0.05)
+        for _ in range(2)
+    ]
+    for group in replicas:
+        group.register_raw(queue, ["job.unacked"], handle, prefetch=1, retry_delays=FAST_RETRY)
+        await group.start()
+    try:
+        for n in range(3):
+            await backends.bus.publish(Event.new("job.unacked", {"n": n}))
+
+        # One message in each replica's handler (prefetch 1), the third waiting. Each
+        # replica sees its own count at once and the other's once it has reported it
+        # (every depth_interval, in the background: polled).
+        async def both_counted() -> None:
+            while True:
+                if [await g.unacked() for g in replicas] == [{queue: 2}, {queue: 2}]:
+                    return
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(both_counted(), WAIT)
+        assert len(holding) == 2
+        stats = await backends.bus.queue_stats(queue)
+        assert (stats.ready, stats.consumers) == (1, 2)
+    finally:
+        gate.set()
+        await replicas[0].close(grace=WAIT)
+    # A replica that stopped takes its counts with it; the other still counts its own.
+    assert await replicas[1].unacked() in ({queue: 0}, {queue: 1})
+    await replicas[1].close(grace=WAIT)
