@@ -81,6 +81,7 @@ EXPOSED_RESPONSE_HEADERS: Final = (
     "Upload-Offset",
     "Upload-Length",
     "Upload-Expires",
+    "Upload-Metadata",
 )
 
 # How long a browser may reuse a preflight's answer (Chromium caps it at 2 h anyway).

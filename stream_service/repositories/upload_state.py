@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -103,12 +103,18 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 
-# KEYS: state, received, lock. ARGV: index, ttl_ms, expires_at.
+# KEYS: state, received, lock, blocks. ARGV: index, ttl_ms, expires_at, block digests
+# (hex, concatenated; empty when not known). The digests go in with the index, so a
+# recorded index always has the digests of the bytes its blob holds.
 _RECORD_CHUNK_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
 if redis.call('HGET', KEYS[1], 'state') == 'complete' then return 'complete' end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 'completing' end
 redis.call('SADD', KEYS[2], ARGV[1])
+if ARGV[4] ~= '' then
+    redis.call('HSET', KEYS[4], ARGV[1], ARGV[4])
+    redis.call('PEXPIRE', KEYS[4], ARGV[2])
+end
 redis.call('HSET', KEYS[1], 'expires_at', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
@@ -137,7 +143,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: state, received, lock. ARGV: completed_at, ttl_ms, token.
+# KEYS: state, received, lock, blocks. ARGV: completed_at, ttl_ms, token.
 # Not conditional on the lease: the database already holds the finished upload, so
 # marking it complete is right whoever holds the lock now.
 _FINISH_LUA = """
@@ -145,19 +151,29 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'complete')
 redis.call('HSET', KEYS[1], 'completed_at', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[4])
 if redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
 return 1
 """
 
-# KEYS: state, received, lock.
+# KEYS: state, received, lock, blocks.
 _DELETE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
 if redis.call('HGET', KEYS[1], 'state') == 'complete' then return 'complete' end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 'completing' end
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
 return 'deleted'
 """
+
+
+_DIGEST_BYTES = 32
+
+
+def _upload_blocks_key(upload_id: str) -> str:
+    """The Redis hash of chunk index → its blocks' SHA-256 digests (hex, concatenated);
+    it expires with the upload. Kept apart from the state hash, which every request reads
+    whole."""
+    return f"{upload_state_key(upload_id)}:blocks"
 
 
 def _milliseconds(seconds: float) -> int:
@@ -266,19 +282,44 @@ class UploadStateStore:
         """Takes ``indices`` out of the received set (their blobs were lost)."""
         if indices:
             await self._kv.srem(upload_received_key(upload_id), *indices)
+            await self._kv.hdel(_upload_blocks_key(upload_id), *map(str, indices))
 
     async def is_completing(self, upload_id: str) -> bool:
         return await self._kv.exists(upload_lock_key(upload_id))
 
     async def record_chunk(
-        self, upload_id: str, index: int, *, ttl: float, expires_at: datetime
+        self,
+        upload_id: str,
+        index: int,
+        *,
+        ttl: float,
+        expires_at: datetime,
+        block_digests: Sequence[bytes] = (),
     ) -> ChunkOutcome:
-        """Adds ``index`` to the received set (its blob must already be stored)."""
+        """Adds ``index`` to the received set (its blob must already be stored), with the
+        raw SHA-256 of each 4 MiB block of the chunk when known."""
         outcome = await self._record_chunk(
             keys=self._keys(upload_id),
-            args=[index, _milliseconds(ttl), expires_at.isoformat()],
+            args=[
+                index,
+                _milliseconds(ttl),
+                expires_at.isoformat(),
+                b"".join(block_digests).hex(),
+            ],
         )
         return ChunkOutcome(outcome)
+
+    async def block_digests(self, upload_id: str) -> dict[int, list[bytes]]:
+        """The block digests recorded with each received chunk (chunks recorded without
+        them are absent)."""
+        fields = await self._kv.hgetall(_upload_blocks_key(upload_id))
+        return {
+            int(index): [
+                bytes.fromhex(hexes[start : start + 2 * _DIGEST_BYTES])
+                for start in range(0, len(hexes), 2 * _DIGEST_BYTES)
+            ]
+            for index, hexes in fields.items()
+        }
 
     async def begin_completion(self, upload_id: str, token: str, *, lease: float) -> LeaseOutcome:
         outcome = await self._begin_completion(
@@ -329,4 +370,5 @@ class UploadStateStore:
             upload_state_key(upload_id),
             upload_received_key(upload_id),
             upload_lock_key(upload_id),
+            _upload_blocks_key(upload_id),
         ]
