@@ -21,7 +21,13 @@ import re
 from collections.abc import Iterable
 from typing import Final
 
-__all__ = ["BLOCK_SIZE", "SHA256_HEX_RE", "ContentHasher", "content_hash"]
+__all__ = [
+    "BLOCK_SIZE",
+    "SHA256_HEX_RE",
+    "ContentHasher",
+    "content_hash",
+    "content_hash_of_blocks",
+]
 
 BLOCK_SIZE: Final = 4 * 1024 * 1024
 # A SHA-256 as vod writes it (the content hash, X-Chunk-SHA256, an instant-upload proof).
@@ -31,12 +37,15 @@ SHA256_HEX_RE: Final = re.compile(r"^[0-9a-f]{64}$")
 class ContentHasher:
     """Incremental content hash; ``update`` with pieces of any size, in file order."""
 
-    __slots__ = ("_block", "_block_filled", "_digests", "size")
+    __slots__ = ("_block", "_block_filled", "_blocks", "_digests", "size")
 
     def __init__(self) -> None:
         self._digests = hashlib.sha256()
         self._block = hashlib.sha256()
         self._block_filled = 0
+        # The raw digest of every finished block (32 bytes per 4 MiB): an upload keeps
+        # them per chunk, so completion needs no second pass over the bytes.
+        self._blocks: list[bytes] = []
         self.size = 0
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
@@ -48,7 +57,9 @@ class ContentHasher:
             self.size += len(piece)
             view = view[len(piece) :]
             if self._block_filled == BLOCK_SIZE:
-                self._digests.update(self._block.digest())
+                block = self._block.digest()
+                self._blocks.append(block)
+                self._digests.update(block)
                 self._block = hashlib.sha256()
                 self._block_filled = 0
 
@@ -58,6 +69,20 @@ class ContentHasher:
         if self._block_filled:
             digests.update(self._block.digest())
         return digests.hexdigest()
+
+    def block_digests(self) -> list[bytes]:
+        """The raw SHA-256 of each block so far, the unfinished last one included."""
+        if self._block_filled:
+            return [*self._blocks, self._block.digest()]
+        return list(self._blocks)
+
+
+def content_hash_of_blocks(block_digests: Iterable[bytes]) -> str:
+    """The content hash of a file from its blocks' raw SHA-256 digests, in file order."""
+    digests = hashlib.sha256()
+    for block in block_digests:
+        digests.update(block)
+    return digests.hexdigest()
 
 
 def content_hash(data: bytes | bytearray | memoryview | Iterable[bytes]) -> str:

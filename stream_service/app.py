@@ -7,6 +7,8 @@ its own expected length instead.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
@@ -15,12 +17,27 @@ from prometheus_client import Counter
 from shared.resources import BLOBS, DB, KV, blobs_ctx, bus_ctx, database_ctx, kv_ctx
 from shared.settings import Settings
 from shared.web import METRICS, SETTINGS, CleanupContext, create_base_app
-from stream_service.keys import CATALOG, LIMITER, STREAM_METRICS, UPLOADED_BYTES, UPLOADS
+from stream_service.keys import (
+    CATALOG,
+    LIMITER,
+    OPEN_FILES,
+    STREAM_METRICS,
+    UPLOADED_BYTES,
+    UPLOADS,
+)
 from stream_service.routes import setup_routes
 from stream_service.services.uploads import UploadService
 from stream_service.streaming.catalog import VideoCatalog
 from stream_service.streaming.limiter import StreamLimiter
 from stream_service.streaming.metrics import StreamMetrics
+from stream_service.streaming.open_files import (
+    DEFAULT_MAX_IDLE,
+    OpenBlobFiles,
+    sweep_periodically,
+)
+from stream_service.tus.handlers import stamp_tus_resumable
+from stream_service.tus.keys import TUS
+from stream_service.tus.service import TusService
 
 SERVICE = "stream"
 # Dependency order: what a later context uses is opened by an earlier one.
@@ -37,7 +54,26 @@ async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
         user_quota_bytes=app[SETTINGS].user_quota_bytes,
     )
     app[CATALOG] = VideoCatalog(db=app[DB], blobs=app[BLOBS], kv=app[KV])
-    yield
+    app[TUS] = TusService(uploads=app[UPLOADS], kv=app[KV], blobs=app[BLOBS])
+    try:
+        yield
+    finally:
+        # PATCH bodies still being stored for clients that left.
+        await app[TUS].close()
+
+
+async def open_files_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Open files of local blobs kept between range requests, swept while the app runs."""
+    files = OpenBlobFiles(app[BLOBS])
+    app[OPEN_FILES] = files
+    sweeper = asyncio.create_task(sweep_periodically(files, DEFAULT_MAX_IDLE / 2))
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        files.close()
 
 
 def create_app(
@@ -60,6 +96,7 @@ def create_app(
     metrics.active.set_function(lambda: limiter.active)
     app[STREAM_METRICS] = metrics
     app[LIMITER] = limiter
-    app.cleanup_ctx.extend([*contexts, domain_ctx])
+    app.cleanup_ctx.extend([*contexts, domain_ctx, open_files_ctx])
+    app.on_response_prepare.append(stamp_tus_resumable)
     setup_routes(app)
     return app

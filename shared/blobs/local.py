@@ -13,7 +13,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Protocol, TypeVar, runtime_checkable
 
 from shared.blobs.port import (
     CHUNK_SIZE,
@@ -31,6 +31,24 @@ T = TypeVar("T")
 # Names starting with a dot are never keys (the rule in ``validate_key``), so temporary
 # files can use them without ever colliding with a blob or showing up in ``list``.
 _TEMP_PREFIX = ".tmp-"
+# Incoming pieces are gathered (by reference, not copied) into slices this large, each
+# one ``writev`` in the I/O pool while the next slice is gathered: 2 MiB makes the
+# thread hop small, and two slices (one filling, one written) keep memory flat.
+WRITE_SLICE_BYTES = 2 * 1024 * 1024
+# Below Linux's IOV_MAX (1024): a source of tiny pieces flushes by count instead.
+_MAX_SLICE_PIECES = 512
+# Parts are hashed (for ``concatenate``'s ``sha256``) through one reused buffer this large.
+_HASH_READ_BYTES = 4 * 1024 * 1024
+
+
+@runtime_checkable
+class Sha256Source(Protocol):
+    """A byte source that computes the SHA-256 of exactly what it yields (an upload's
+    chunk, checked against its ``X-Chunk-SHA256`` on the way). ``write`` takes that digest
+    instead of hashing every byte a second time; it is read once the source is exhausted.
+    """
+
+    def sha256_hexdigest(self) -> str: ...
 
 
 class LocalBlobStore:
@@ -52,14 +70,16 @@ class LocalBlobStore:
         self, key: str, chunks: AsyncIterable[bytes], *, max_bytes: int | None = None
     ) -> BlobInfo:
         path = self._path(key)
-        writer = await self._io(_TempWriter.open, key, path)
+        hashed_by_source = isinstance(chunks, Sha256Source)
+        writer = await self._io(_TempWriter.open, key, path, not hashed_by_source)
         try:
             await self._pour(writer, chunks, max_bytes)
             modified = await self._io(writer.commit)
         except BaseException:
             await self._io(writer.discard)
             raise
-        return BlobInfo(key=key, size=writer.size, sha256=writer.sha256(), modified=modified)
+        digest = chunks.sha256_hexdigest() if isinstance(chunks, Sha256Source) else writer.sha256()
+        return BlobInfo(key=key, size=writer.size, sha256=digest, modified=modified)
 
     async def read(
         self, key: str, *, offset: int = 0, length: int | None = None, chunk_size: int = CHUNK_SIZE
@@ -105,10 +125,11 @@ class LocalBlobStore:
     async def concatenate(self, target_key: str, part_keys: Sequence[str]) -> BlobInfo:
         path = self._path(target_key)
         part_paths = [self._path(part) for part in part_keys]
-        writer = await self._io(_TempWriter.open, target_key, path)
+        writer = await self._io(_TempWriter.open, target_key, path, True)
+        hash_buffer = bytearray(_HASH_READ_BYTES)
         try:
             for part_key, part_path in zip(part_keys, part_paths, strict=True):
-                await self._append(writer, part_key, part_path)
+                await self._append(writer, part_key, part_path, hash_buffer)
             modified = await self._io(writer.commit)
         except BaseException:
             await self._io(writer.discard)
@@ -161,27 +182,57 @@ class LocalBlobStore:
     async def _pour(
         self, writer: _TempWriter, chunks: AsyncIterable[bytes], max_bytes: int | None
     ) -> None:
-        # Small network reads are gathered into CHUNK_SIZE pieces: one thread hop each.
-        # The buffer goes to the thread as is; _io returns only once the thread is done.
-        buffer = bytearray()
-        async for chunk in chunks:
-            if max_bytes is not None and writer.size + len(buffer) + len(chunk) > max_bytes:
-                raise BlobTooLargeError(f"The blob is larger than the limit of {max_bytes} bytes.")
-            buffer += chunk
-            if len(buffer) >= CHUNK_SIZE:
-                await self._io(writer.write, buffer)
-                buffer.clear()
-        if buffer:
-            await self._io(writer.write, buffer)
+        # Pieces are gathered by reference into WRITE_SLICE_BYTES slices, and one slice is
+        # written in the pool while the next one arrives (one write in flight at most, so
+        # memory stays at two slices). Only immutable ``bytes`` are kept by reference: any
+        # other buffer is copied, since its owner may refill it once we ask for more.
+        loop = asyncio.get_running_loop()
+        in_flight: asyncio.Future[None] | None = None
+        pending: list[bytes] = []
+        pending_bytes = 0
+        poured = 0
+        try:
+            async for chunk in chunks:
+                poured += len(chunk)
+                if max_bytes is not None and poured > max_bytes:
+                    raise BlobTooLargeError(
+                        f"The blob is larger than the limit of {max_bytes} bytes."
+                    )
+                if not chunk:
+                    continue
+                pending.append(chunk if type(chunk) is bytes else bytes(chunk))
+                pending_bytes += len(chunk)
+                if pending_bytes >= WRITE_SLICE_BYTES or len(pending) >= _MAX_SLICE_PIECES:
+                    if in_flight is not None:
+                        await _finish_in_thread(in_flight)
+                    in_flight = loop.run_in_executor(self._executor, writer.write_pieces, pending)
+                    pending, pending_bytes = [], 0
+            if in_flight is not None:
+                await _finish_in_thread(in_flight)
+            if pending:
+                await self._io(writer.write_pieces, pending)
+        finally:
+            if in_flight is not None:
+                # Never leave a thread writing to a file the caller is about to discard.
+                await _settle(in_flight)
 
-    async def _append(self, writer: _TempWriter, key: str, path: Path) -> None:
+    async def _append(
+        self, writer: _TempWriter, key: str, path: Path, hash_buffer: bytearray
+    ) -> None:
         try:
             part = await self._io(_open_for_reading, path, 0)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise BlobNotFoundError(f"No blob {key!r}.") from None
         try:
-            while await self._io(writer.copy_piece, part):
-                pass
+            # The kernel copies (copy_file_range: no bytes through Python) while another
+            # thread reads the same part back from the page cache for ``sha256``.
+            size = os.fstat(part.fileno()).st_size
+            copy = self._io(writer.copy_part, part.fileno(), size)
+            digest = self._io(writer.hash_part, part.fileno(), size, hash_buffer)
+            results = await asyncio.gather(copy, digest, return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
         finally:
             part.close()
 
@@ -200,13 +251,7 @@ class LocalBlobStore:
         thread still writing to it.
         """
         future = asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            while not future.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([future])
-            raise
+        return await _finish_in_thread(future)
 
     def _delete(self, path: Path) -> bool:
         try:
@@ -225,24 +270,52 @@ class LocalBlobStore:
         return True
 
 
-class _TempWriter:
-    """A temporary file beside its target, hashed as written, renamed into place."""
+async def _finish_in_thread(future: asyncio.Future[T]) -> T:
+    """The result of a job in the I/O pool.
 
-    def __init__(self, key: str, target: Path, temp: Path, file: IO[bytes]) -> None:
+    If the caller is cancelled, waits for the thread to finish its piece before passing
+    the cancellation on: a file must never be closed or removed under a thread still
+    writing to it.
+    """
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await _settle(future)
+        raise
+
+
+async def _settle(future: asyncio.Future[T]) -> None:
+    """Waits, through any cancellation, until a job in the pool is over; its outcome is
+    dropped (the caller is already unwinding with an exception of its own)."""
+    while not future.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([future])
+    if not future.cancelled():
+        future.exception()  # retrieved, so asyncio does not log it as forgotten
+
+
+class _TempWriter:
+    """A temporary file beside its target, hashed as written (unless the source hashes
+    what it yields), renamed into place."""
+
+    def __init__(
+        self, key: str, target: Path, temp: Path, file: IO[bytes], *, hashed: bool
+    ) -> None:
         self.key = key
         self.target = target
         self.temp = temp
         self.file = file
         self.size = 0
-        self._hash = hashlib.sha256()
+        self._hash = hashlib.sha256() if hashed else None
 
     @classmethod
-    def open(cls, key: str, target: Path) -> _TempWriter:
+    def open(cls, key: str, target: Path, hashed: bool = True) -> _TempWriter:
         temp = target.with_name(f"{_TEMP_PREFIX}{secrets.token_hex(8)}")
         for _ in range(3):
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                return cls(key, target, temp, temp.open("xb"))
+                # Unbuffered: slices go to the OS as they are, with no extra copy.
+                return cls(key, target, temp, temp.open("xb", buffering=0), hashed=hashed)
             except FileNotFoundError:
                 # A concurrent delete removed the freshly made (still empty) folder.
                 continue
@@ -253,23 +326,66 @@ class _TempWriter:
                 ) from exc
         raise FileNotFoundError(errno.ENOENT, "the blob's folder keeps vanishing", str(target))
 
-    def write(self, data: bytes | bytearray) -> None:
-        self.file.write(data)
-        self._hash.update(data)
-        self.size += len(data)
+    def write_pieces(self, pieces: list[bytes]) -> None:
+        """Appends ``pieces`` (one ``writev``, repeated only if the OS takes part of it)."""
+        if self._hash is not None:
+            for piece in pieces:
+                self._hash.update(piece)
+        views = [memoryview(piece) for piece in pieces]
+        while views:
+            written = os.writev(self.file.fileno(), views)
+            self.size += written
+            while views and written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            if views and written:
+                views[0] = views[0][written:]
 
-    def copy_piece(self, source: IO[bytes]) -> bool:
-        data = source.read(CHUNK_SIZE)
-        if data:
-            self.write(data)
-        return bool(data)
+    def copy_part(self, source: int, size: int) -> None:
+        """Appends ``size`` bytes of the file ``source`` from its start, in the kernel."""
+        copied = 0
+        while copied < size:
+            try:
+                step = os.copy_file_range(
+                    source, self.file.fileno(), size - copied, copied, self.size + copied
+                )
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                step = self._copy_through_memory(source, copied, size - copied)
+            if step == 0:
+                break  # the part is shorter than it was: take what is there
+            copied += step
+        self.size += copied
 
-    def sha256(self) -> str:
-        return self._hash.hexdigest()
+    def _copy_through_memory(self, source: int, offset: int, length: int) -> int:
+        data = os.pread(source, min(length, CHUNK_SIZE), offset)
+        written = 0
+        while written < len(data):
+            written += os.pwrite(self.file.fileno(), data[written:], self.size + offset + written)
+        return len(data)
+
+    def hash_part(self, source: int, size: int, buffer: bytearray) -> None:
+        """Feeds ``size`` bytes of ``source`` from its start to the hash, through ``buffer``."""
+        if self._hash is None:
+            return
+        view = memoryview(buffer)
+        offset = 0
+        while offset < size:
+            read = os.preadv(source, [view[: min(len(view), size - offset)]], offset)
+            if read == 0:
+                break
+            self._hash.update(view[:read])
+            offset += read
+
+    def sha256(self) -> str | None:
+        return None if self._hash is None else self._hash.hexdigest()
 
     def commit(self) -> datetime:
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        # One flush to disk per blob (an upload's chunk is durable before its 204), not
+        # per write; fdatasync, since the size it must persist is all the inode holds
+        # that matters (the mtime below is read back, not needed to be durable first).
+        os.fdatasync(self.file.fileno())
         # Taken before the rename (which keeps it): afterwards a concurrent delete may win.
         modified = os.fstat(self.file.fileno()).st_mtime
         self.file.close()

@@ -19,8 +19,6 @@ from stream_service.schemas import (
 )
 from stream_service.services.uploads import UploadView
 
-# Pieces of a chunk body handed on as they arrive (at most this much per read).
-BODY_READ_BYTES: Final = 1024 * 1024
 # Progress changes with every chunk: never cache it.
 NO_STORE: Final = {"Cache-Control": "no-store"}
 
@@ -88,7 +86,10 @@ async def put_chunk(request: web.Request) -> web.Response:
             checksum=checksum,
             content_length=request.content_length,
             # Streamed to storage as it arrives: client_max_size never applies to it.
-            body=request.content.iter_chunked(BODY_READ_BYTES),
+            # Each piece as received (no re-joining into fixed-size reads: that copied
+            # every byte once more into freshly allocated buffers); the store gathers
+            # pieces by reference into its write slices.
+            body=request.content.iter_any(),
         )
     except (ConnectionResetError, HttpProcessingError) as exc:
         # A dropped connection is what resumable upload is for, not a server error: the

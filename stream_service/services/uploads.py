@@ -29,18 +29,21 @@ Decisions a client can see:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
 from shared.blobs import BlobNotFoundError, BlobStore, BlobStoreUnavailableError
 from shared.bus import Event
+from shared.content_hash import BLOCK_SIZE, ContentHasher, content_hash_of_blocks
 from shared.db import Database, DuplicateKeyError, new_id
 from shared.errors import (
     BadRequestError,
@@ -70,8 +73,9 @@ from stream_service.repositories.upload_state import (
 from stream_service.repositories.uploads import UploadRecord, UploadRecords
 from stream_service.storage.read_ahead import read_ahead
 from stream_service.storage.verification import (
-    checked_chunk,
+    CheckedChunk,
     chunk_length_mismatch,
+    content_hash_mismatch,
     verified_concatenation,
 )
 
@@ -98,6 +102,8 @@ RETRY_AFTER_SECONDS: Final = 5
 # Pieces (4 MiB each) read and hashed ahead of the assembled file's writer, so reading and
 # writing overlap: 1.5-2x faster assembly here, for 16 MiB per completion in progress.
 ASSEMBLY_READ_AHEAD: Final = 4
+# Pieces read when a file announced without a content hash is hashed: whole hash blocks.
+ASSEMBLY_PIECE_BYTES: Final = 4 * MIB
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -138,6 +144,13 @@ def uploads_busy() -> ConflictError:
         "Other uploads of yours are starting right now; try again shortly.",
         code="uploads_busy",
         headers={"Retry-After": "1"},
+    )
+
+
+def tus_upload_in_progress(upload_id: str) -> ConflictError:
+    return ConflictError(
+        f"This upload was created with tus; continue it at /api/v1/tus/{upload_id}.",
+        code="tus_upload_in_progress",
     )
 
 
@@ -187,19 +200,44 @@ class UploadService:
         self, owner_id: str, *, filename: str, size: int, content_hash: str, chunk_size: int
     ) -> UploadView:
         """A new upload (already validated in shape); instant when the file is stored."""
-        if size > self._max_upload_bytes:
-            raise PayloadTooLargeError(
-                f"The file is larger than the limit of {self._max_upload_bytes} bytes.",
-                code="upload_too_large",
-                extra={"max_bytes": self._max_upload_bytes},
-            )
+        self._check_size(size)
         stored = await self._blobs.stat(content_blob_key(content_hash))
         challenge = None
         if stored is not None and stored.size == size:
             length = min(size, CHALLENGE_BYTES)
             challenge = Challenge(offset=self._randbelow(size - length + 1), length=length)
+        upload = self.new_upload_state(
+            owner_id,
+            filename=filename,
+            size=size,
+            content_hash=content_hash,
+            chunk_size=chunk_size,
+            challenge=challenge,
+        )
+        await self.admit(upload)
+        return _uploading_view(upload, received=set())
+
+    # -- for other upload protocols (tus) over the same storage -------------------------
+
+    @property
+    def state_ttl(self) -> float:
+        """Seconds an upload in progress lives without activity (its Redis TTL)."""
+        return self._ttl
+
+    def new_upload_state(
+        self,
+        owner_id: str,
+        *,
+        filename: str,
+        size: int,
+        content_hash: str = "",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        challenge: Challenge | None = None,
+    ) -> UploadState:
+        """The state of a new upload, not stored yet (``admit`` stores it). An empty
+        ``content_hash`` means the client announced none: ``complete_parts`` computes it."""
         now = self._clock()
-        upload = UploadState(
+        return UploadState(
             id=self._new_upload_id(),
             owner_id=owner_id,
             filename=filename,
@@ -211,14 +249,51 @@ class UploadService:
             expires_at=now + timedelta(seconds=self._ttl),
             challenge=challenge,
         )
+
+    async def admit(
+        self,
+        upload: UploadState,
+        *,
+        store_state: Callable[[UploadState], Awaitable[None]] | None = None,
+    ) -> None:
+        """Checks ``upload`` against the size limit and the owner's quota, and stores its
+        state with ``store_state`` (the native layout by default): 413 ``upload_too_large``
+        or ``quota_exceeded``, with nothing stored, when it does not fit."""
+        self._check_size(upload.size)
+        store = store_state or (lambda state: self._state.create(state, ttl=self._ttl))
         if self._quota:
             # Counted before the state exists would let a concurrent check drop it as gone.
-            allowance = self._quota - await self._ledger.stored_bytes(owner_id, now=now)
-            await self._state.create(upload, ttl=self._ttl)
+            allowance = self._quota - await self._ledger.stored_bytes(
+                upload.owner_id, now=self._clock()
+            )
+            await store(upload)
             await self._reserve(upload, allowance)
         else:
-            await self._state.create(upload, ttl=self._ttl)
-        return _uploading_view(upload, received=set())
+            await store(upload)
+
+    async def complete_parts(self, upload: UploadState, part_keys: Sequence[str]) -> UploadView:
+        """Completes ``upload`` from the blobs ``part_keys``, whose bytes in that order are
+        the file, with the lease, verification, dedup, record and ``upload.completed``
+        event of ``complete``. Idempotent like it. The caller has checked that the parts
+        add up to ``upload.size``; an empty ``upload.content_hash`` is computed here."""
+        return await self._complete_when_free(
+            upload.id, lambda: self._attempt_parts(upload, part_keys)
+        )
+
+    async def discard(self, owner_id: str, upload_id: str) -> None:
+        """Frees what an upload whose state another protocol deleted still holds: its quota
+        reservation and its chunks (failures are left to the sweeper)."""
+        if self._quota:
+            await self._ledger.release(owner_id, upload_id)
+        await self._drop_chunks(upload_id)
+
+    def _check_size(self, size: int) -> None:
+        if size > self._max_upload_bytes:
+            raise PayloadTooLargeError(
+                f"The file is larger than the limit of {self._max_upload_bytes} bytes.",
+                code="upload_too_large",
+                extra={"max_bytes": self._max_upload_bytes},
+            )
 
     async def _reserve(self, upload: UploadState, allowance: int) -> None:
         reservation = await self._ledger.reserve(
@@ -273,7 +348,7 @@ class UploadService:
         # Refused before a byte is read when the client says up front it sends too much.
         if content_length is not None and content_length != expected:
             raise chunk_length_mismatch(expected, f"Content-Length is {content_length}")
-        chunk = checked_chunk(body, expected_length=expected, expected_sha256=checksum)
+        chunk = CheckedChunk(body, expected_length=expected, expected_sha256=checksum)
         if await self._state.is_received(upload_id, index):
             async for _ in chunk:
                 pass
@@ -282,7 +357,11 @@ class UploadService:
         # The blob first, then the index: an index in the set always has its bytes stored.
         await self._blobs.write(key, chunk)
         outcome = await self._state.record_chunk(
-            upload_id, index, ttl=self._ttl, expires_at=self._expiry()
+            upload_id,
+            index,
+            ttl=self._ttl,
+            expires_at=self._expiry(),
+            block_digests=chunk.block_digests(),
         )
         if outcome is ChunkOutcome.MISSING:
             # Deleted or expired while the bytes arrived: nothing would ever read them.
@@ -297,14 +376,22 @@ class UploadService:
 
     async def complete(self, owner_id: str, upload_id: str, *, proof: str | None) -> UploadView:
         """Assembles and verifies the file (or checks the instant-upload proof) once."""
+        return await self._complete_when_free(
+            upload_id, lambda: self._attempt_completion(owner_id, upload_id, proof)
+        )
+
+    async def _complete_when_free(
+        self, upload_id: str, attempt: Callable[[], Awaitable[UploadView | None]]
+    ) -> UploadView:
+        """``attempt``'s view, attempted again while another request holds the lease."""
         deadline = time.monotonic() + self._wait
-        view = await self._attempt_completion(owner_id, upload_id, proof)
+        view = await attempt()
         if view is not None:
             return view
         # Another request holds the lease: wait for its notice, then look again.
         async with self._state.notices(upload_id) as notices:
             while True:
-                view = await self._attempt_completion(owner_id, upload_id, proof)
+                view = await attempt()
                 if view is not None:
                     return view
                 remaining = deadline - time.monotonic()
@@ -356,14 +443,42 @@ class UploadService:
             await self._state.release(upload_id, token)
             await self._state.announce(upload_id)
 
+    async def _attempt_parts(
+        self, upload: UploadState, part_keys: Sequence[str]
+    ) -> UploadView | None:
+        """Like ``_attempt_completion``, for an upload whose parts the caller names."""
+        record = await self._records.by_id(upload.id)
+        if record is not None:
+            return _complete_view(record)
+        token = secrets.token_hex(16)
+        outcome = await self._state.begin_completion(upload.id, token, lease=self._lease)
+        if outcome is LeaseOutcome.BUSY:
+            return None
+        if outcome is LeaseOutcome.MISSING:
+            raise upload_not_found(upload.id)
+        if outcome is LeaseOutcome.COMPLETE:
+            record = await self._records.by_id(upload.id)
+            return _complete_view(record) if record is not None else None
+        try:
+            return await self._complete_with_lease(upload, token, None, part_keys)
+        finally:
+            await self._state.release(upload.id, token)
+            await self._state.announce(upload.id)
+
     async def _complete_with_lease(
-        self, upload: UploadState, token: str, proof: str | None
+        self,
+        upload: UploadState,
+        token: str,
+        proof: str | None,
+        part_keys: Sequence[str] | None = None,
     ) -> UploadView:
         # Recorded already when a previous holder died between the commit and Redis.
         record = await self._records.by_id(upload.id)
         if record is None:
             if proof is not None:
                 await self._check_proof(upload, proof)
+            elif part_keys is not None:
+                upload = await self._assemble_parts(upload, token, part_keys)
             else:
                 await self._assemble(upload, token)
             record = await self._record(upload, instant=proof is not None)
@@ -414,6 +529,93 @@ class UploadService:
                 extra={"missing": missing},
             )
         parts = [chunk_key(upload.id, index) for index in range(upload.total_chunks)]
+        try:
+            if not await self._write_from_block_digests(upload, token, parts):
+                await self._write_content(upload, token, parts)
+        except BlobNotFoundError:
+            # A chunk vanished under us (a sweeper, an operator): forget it, ask for it.
+            gone = [index for index, key in enumerate(parts) if await self._blobs.stat(key) is None]
+            await self._state.forget_chunks(upload.id, gone)
+            raise ConflictError(
+                f"{len(gone)} chunks were lost in storage; send them again.",
+                code="chunks_missing",
+                extra={"missing": gone},
+            ) from None
+
+    async def _assemble_parts(
+        self, upload: UploadState, token: str, part_keys: Sequence[str]
+    ) -> UploadState:
+        """Writes the file from ``part_keys``; returns ``upload`` with its content hash."""
+        try:
+            if not upload.content_hash:
+                hasher = ContentHasher()
+                keep_lease = self._lease_keeper(upload.id, token)
+                for key in part_keys:
+                    async for piece in self._blobs.read(key, chunk_size=ASSEMBLY_PIECE_BYTES):
+                        await asyncio.to_thread(hasher.update, piece)
+                    await keep_lease()
+                upload = replace(upload, content_hash=hasher.hexdigest())
+                stored = await self._blobs.stat(content_blob_key(upload.content_hash))
+                if hasher.size == upload.size and stored is not None and stored.size == upload.size:
+                    # Stored once already, and every byte was just hashed: nothing to write.
+                    return upload
+            await self._write_content(upload, token, part_keys)
+        except BlobNotFoundError:
+            raise ConflictError(
+                "Part of this upload was lost in storage; delete it and upload the file again.",
+                code="upload_data_lost",
+            ) from None
+        return upload
+
+    async def _write_from_block_digests(
+        self, upload: UploadState, token: str, parts: Sequence[str]
+    ) -> bool:
+        """The file under its content hash from the chunks, verified by the block digests
+        recorded as each chunk arrived; False (nothing done) when some are not recorded.
+
+        Why the digests may stand for the bytes: they were computed in the same pass that
+        checked the chunk against its ``X-Chunk-SHA256`` and streamed it to its blob, and
+        recorded atomically with its index after the blob was renamed into place; a chunk
+        blob is never rewritten with other bytes (a repeat is a no-op, a racing duplicate
+        has the same SHA-256), and a lost one leaves the set with its digests. So the
+        content hash is checked without reading 2x the file back, and the file is joined
+        by the store (``copy_file_range`` on disk, a server-side copy on S3). What this
+        gives up: corruption of a chunk at rest between its arrival and completion would
+        no longer be caught here.
+        """
+        recorded = await self._state.block_digests(upload.id)
+        if upload.chunk_size % BLOCK_SIZE:
+            return False
+        blocks: list[bytes] = []
+        for index in range(upload.total_chunks):
+            digests = recorded.get(index)
+            if digests is None or len(digests) != -(-upload.chunk_length(index) // BLOCK_SIZE):
+                return False
+            blocks += digests
+        if not hmac.compare_digest(content_hash_of_blocks(blocks), upload.content_hash):
+            raise content_hash_mismatch()
+        target = content_blob_key(upload.content_hash)
+        stored = await self._blobs.stat(target)
+        if stored is not None and stored.size == upload.size:
+            # Stored once already (dedup), and these bytes hash to it: nothing to write.
+            return True
+        joining = asyncio.ensure_future(self._blobs.concatenate(target, parts))
+        keep_lease = self._lease_keeper(upload.id, token)
+        try:
+            while not joining.done():
+                await asyncio.wait({joining}, timeout=self._lease / 3)
+                await keep_lease()
+            joining.result()
+        finally:
+            if not joining.done():
+                joining.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await joining
+        return True
+
+    async def _write_content(self, upload: UploadState, token: str, parts: Sequence[str]) -> None:
+        """The file under its content hash from ``parts``, verified (once per hash: a
+        stored copy is only checked against). ``BlobNotFoundError`` if a part is gone."""
         stream = read_ahead(
             verified_concatenation(
                 self._blobs,
@@ -426,22 +628,12 @@ class UploadService:
         )
         target = content_blob_key(upload.content_hash)
         stored = await self._blobs.stat(target)
-        try:
-            if stored is not None and stored.size == upload.size:
-                # Stored once already (dedup): verify the chunks, write nothing.
-                async for _ in stream:
-                    pass
-            else:
-                await self._blobs.write(target, stream)
-        except BlobNotFoundError:
-            # A chunk vanished under us (a sweeper, an operator): forget it, ask for it.
-            gone = [index for index, key in enumerate(parts) if await self._blobs.stat(key) is None]
-            await self._state.forget_chunks(upload.id, gone)
-            raise ConflictError(
-                f"{len(gone)} chunks were lost in storage; send them again.",
-                code="chunks_missing",
-                extra={"missing": gone},
-            ) from None
+        if stored is not None and stored.size == upload.size:
+            # Stored once already (dedup): verify the chunks, write nothing.
+            async for _ in stream:
+                pass
+        else:
+            await self._blobs.write(target, stream)
 
     async def _missing_chunks(self, upload: UploadState) -> list[int]:
         received = await self._state.received(upload.id)
@@ -514,6 +706,9 @@ class UploadService:
             raise upload_not_found(upload_id)
         if found.owner_id != owner_id:
             raise ForbiddenError("This upload belongs to someone else.", code="upload_forbidden")
+        if isinstance(found, UploadState) and not found.complete and not found.content_hash:
+            # Only tus uploads announce no hash; their bytes are not chunks of this API.
+            raise tus_upload_in_progress(upload_id)
         return found
 
     async def _drop_chunks(self, upload_id: str) -> None:

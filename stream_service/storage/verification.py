@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Sequence,
+)
 
 from shared.blobs import BlobStore
 from shared.content_hash import BLOCK_SIZE, ContentHasher
@@ -19,6 +26,9 @@ from shared.errors import BadRequestError, UnprocessableError
 # so the event loop keeps serving other requests while a large file is verified; smaller
 # ones cost less to hash than the hop to a thread.
 OFFLOAD_HASH_BYTES = 256 * 1024
+# A chunk is hashed one slice of this many bytes per worker-thread job: the hop costs
+# nothing beside 4 MiB of SHA-256, and the event loop keeps receiving meanwhile.
+HASH_SLICE_BYTES = BLOCK_SIZE
 # Parts are read in content-hash blocks: one thread hop per 4 MiB, and every piece is one
 # whole block for the hasher.
 READ_PIECE_BYTES = BLOCK_SIZE
@@ -39,28 +49,86 @@ def chunk_length_mismatch(expected: int, detail: str) -> BadRequestError:
     )
 
 
-async def checked_chunk(
-    body: AsyncIterable[bytes], *, expected_length: int, expected_sha256: str
-) -> AsyncGenerator[bytes, None]:
-    """``body`` as it arrives, cut off with a 400 at the first byte past ``expected_length``
-    (the rest is never read), and refused with a 400 if short or a 422 if its SHA-256 is
-    not ``expected_sha256``."""
-    digest = hashlib.sha256()
-    received = 0
-    async for piece in body:
-        received += len(piece)
-        if received > expected_length:
-            raise chunk_length_mismatch(expected_length, "The body is longer than announced")
-        await _hash(digest.update, piece)
-        yield piece
-    if received != expected_length:
-        raise chunk_length_mismatch(expected_length, f"The body ended after {received} bytes")
-    if digest.hexdigest() != expected_sha256:
-        raise UnprocessableError(
-            "The chunk's SHA-256 is not the one in X-Chunk-SHA256; nothing was stored. "
-            "Send it again.",
-            code="chunk_checksum_mismatch",
-        )
+class CheckedChunk:
+    """A chunk's body as it arrives, checked on the way to the blob store.
+
+    Cut off with a 400 at the first byte past ``expected_length`` (the rest is never
+    read), refused with a 400 if short or a 422 if its SHA-256 is not ``expected_sha256``,
+    both raised before the last piece is yielded. One pass over the bytes computes both
+    the chunk's SHA-256 and the SHA-256 of each 4 MiB content-hash block
+    (``block_digests``: kept with the chunk, completion needs no second pass), in slices
+    of ``HASH_SLICE_BYTES`` in a worker thread. The blob store takes the chunk's digest
+    from ``sha256_hexdigest`` instead of hashing the bytes again.
+
+    Chunks start at multiples of the chunk size, itself a multiple of ``BLOCK_SIZE``, so
+    this chunk's blocks are exactly blocks of the file.
+    """
+
+    def __init__(
+        self, body: AsyncIterable[bytes], *, expected_length: int, expected_sha256: str
+    ) -> None:
+        self._body = body
+        self._expected_length = expected_length
+        self._expected_sha256 = expected_sha256
+        self._sha256 = hashlib.sha256()
+        self._blocks = ContentHasher()
+        self._verified = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._pieces()
+
+    def sha256_hexdigest(self) -> str:
+        """The chunk's SHA-256 (equal to ``expected_sha256``), once it has been read whole."""
+        if not self._verified:
+            raise RuntimeError("the chunk has not been read and verified yet")
+        return self._sha256.hexdigest()
+
+    def block_digests(self) -> list[bytes]:
+        """The raw SHA-256 of each 4 MiB block of the chunk, once it has been read whole."""
+        if not self._verified:
+            raise RuntimeError("the chunk has not been read and verified yet")
+        return self._blocks.block_digests()
+
+    def _hash(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self._sha256.update(piece)
+            self._blocks.update(piece)
+
+    async def _pieces(self) -> AsyncGenerator[bytes, None]:
+        expected = self._expected_length
+        received = 0
+        # The latest piece is held back until the next arrives, so the last one is
+        # yielded only after the whole chunk is verified: a bad chunk is never stored.
+        held: bytes | None = None
+        unhashed: list[bytes] = []
+        unhashed_bytes = 0
+        async for piece in self._body:
+            received += len(piece)
+            if received > expected:
+                raise chunk_length_mismatch(expected, "The body is longer than announced")
+            if held is not None:
+                yield held
+            held = piece
+            unhashed.append(piece)
+            unhashed_bytes += len(piece)
+            if unhashed_bytes >= HASH_SLICE_BYTES:
+                await asyncio.to_thread(self._hash, unhashed)
+                unhashed, unhashed_bytes = [], 0
+        if received != expected:
+            raise chunk_length_mismatch(expected, f"The body ended after {received} bytes")
+        if unhashed_bytes >= OFFLOAD_HASH_BYTES:
+            await asyncio.to_thread(self._hash, unhashed)
+        else:
+            self._hash(unhashed)
+        if self._sha256.hexdigest() != self._expected_sha256:
+            raise UnprocessableError(
+                "The chunk's SHA-256 is not the one in X-Chunk-SHA256; nothing was stored. "
+                "Send it again.",
+                code="chunk_checksum_mismatch",
+            )
+        self._verified = True
+        if held is not None:
+            yield held
 
 
 async def verified_concatenation(
@@ -81,9 +149,13 @@ async def verified_concatenation(
             yield piece
         await after_part()
     if hasher.size != size or hasher.hexdigest() != content_hash:
-        raise UnprocessableError(
-            "The chunks do not add up to the announced content_hash; nothing was stored. "
-            "Check how the hash is computed (4 MiB blocks), then delete the upload and "
-            "start again.",
-            code="content_hash_mismatch",
-        )
+        raise content_hash_mismatch()
+
+
+def content_hash_mismatch() -> UnprocessableError:
+    return UnprocessableError(
+        "The chunks do not add up to the announced content_hash; nothing was stored. "
+        "Check how the hash is computed (4 MiB blocks), then delete the upload and "
+        "start again.",
+        code="content_hash_mismatch",
+    )

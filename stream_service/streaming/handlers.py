@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from datetime import datetime
 from email.utils import format_datetime
 
 from aiohttp import web
@@ -10,7 +12,7 @@ from shared.errors import NotFoundError
 from shared.layout import thumbnail_key
 from shared.resources import BLOBS
 from shared.web import problem_response
-from stream_service.keys import CATALOG, LIMITER, STREAM_METRICS
+from stream_service.keys import CATALOG, LIMITER, OPEN_FILES, STREAM_METRICS
 from stream_service.streaming.catalog import StreamableVideo
 from stream_service.streaming.ranges import Outcome, decide, strong_etag
 from stream_service.streaming.send import send_range
@@ -29,13 +31,19 @@ def _video_not_found(video_id: str) -> NotFoundError:
     return NotFoundError(f"No video {video_id!r}.", code="video_not_found")
 
 
+@functools.lru_cache(maxsize=1024)
+def _fixed_headers(content_hash: str, modified: datetime) -> tuple[tuple[str, str], ...]:
+    # The same for every range of a film: formatted once, not per request.
+    return (
+        ("Accept-Ranges", "bytes"),
+        ("ETag", strong_etag(content_hash)),
+        ("Last-Modified", format_datetime(modified.replace(microsecond=0), usegmt=True)),
+        ("Cache-Control", IMMUTABLE),
+    )
+
+
 def _headers(video: StreamableVideo) -> dict[str, str]:
-    return {
-        "Accept-Ranges": "bytes",
-        "ETag": strong_etag(video.content_hash),
-        "Last-Modified": format_datetime(video.modified.replace(microsecond=0), usegmt=True),
-        "Cache-Control": IMMUTABLE,
-    }
+    return dict(_fixed_headers(video.content_hash, video.modified))
 
 
 async def stream_video(request: web.Request) -> web.StreamResponse:
@@ -81,6 +89,7 @@ async def stream_video(request: web.Request) -> web.StreamResponse:
             request,
             response,
             blobs=request.app[BLOBS],
+            files=request.app[OPEN_FILES],
             key=video.blob_key,
             start=decision.start,
             length=decision.length,
@@ -107,6 +116,13 @@ async def get_thumbnail(request: web.Request) -> web.StreamResponse:
         await response.write_eof()
         return response
     await send_range(
-        request, response, blobs=blobs, key=key, start=0, length=info.size, on_bytes=lambda _n: None
+        request,
+        response,
+        blobs=blobs,
+        files=request.app[OPEN_FILES],
+        key=key,
+        start=0,
+        length=info.size,
+        on_bytes=lambda _n: None,
     )
     return response

@@ -21,7 +21,9 @@ from datetime import datetime
 from email.utils import parsedate_to_datetime
 from enum import Enum
 
-_RANGE_SPEC = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
+# ASCII digits, at most 19 (every offset fits in 64 bits): \d would take any Unicode
+# digit, and int() refuses strings of over 4,300 digits, which would be a 500.
+_RANGE_SPEC = re.compile(r"^\s*([0-9]{0,19})\s*-\s*([0-9]{0,19})\s*$")
 # A strong entity tag as vod makes them: the quoted content hash.
 _ETAG_LIST_ITEM = re.compile(r'\s*(W/)?("[^"]*"|\*)\s*(?:,|$)')
 

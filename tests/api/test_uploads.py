@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import orjson
 import pytest
 from sqlalchemy import select
 
-from shared.blobs import BlobStore
+from shared.blobs import BlobInfo, BlobStore
 from shared.content_hash import content_hash
 from shared.db import Database, open_database
 from shared.db.schema import blobs, outbox, uploads
@@ -475,16 +475,30 @@ async def test_content_hash_mismatch_leaves_nothing_behind(
 
 
 class Gate:
-    """Holds the first read of an upload's chunk 0 until opened, and says when it waits."""
+    """Holds the first read of an upload's chunk 0 (or the first concatenation of the
+    chunks, which completion uses when their block digests are recorded) until opened,
+    and says when it waits. ``install`` puts it in place of the store's methods."""
 
     def __init__(self, store: BlobStore, upload_id: str) -> None:
         self.reached = asyncio.Event()
         self.opened = asyncio.Event()
+        self._store = store
         self._read = store.read
+        self._concatenate = store.concatenate
         self._key = f"uploads/{upload_id}/000000"
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(self._store, "read", self.read)
+        monkeypatch.setattr(self._store, "concatenate", self.concatenate)
 
     def read(self, key: str, **options: Any) -> AsyncIterator[bytes]:
         return self._gated(key, **options)
+
+    async def concatenate(self, target_key: str, part_keys: Sequence[str]) -> BlobInfo:
+        if self._key in part_keys and not self.reached.is_set():
+            self.reached.set()
+            await self.opened.wait()
+        return await self._concatenate(target_key, part_keys)
 
     async def _gated(self, key: str, **options: Any) -> AsyncIterator[bytes]:
         if key == self._key and not self.reached.is_set():
@@ -520,7 +534,7 @@ async def test_concurrent_completes_one_assembles_the_other_sees_it_complete(
         await uploader.put_ok(upload_id, index, chunk)
     stream_app = stack.servers["stream"].app
     gate = Gate(stream_app[BLOBS], upload_id)
-    monkeypatch.setattr(stream_app[BLOBS], "read", gate.read)
+    gate.install(monkeypatch)
     second_waits = asyncio.Event()
     monkeypatch.setattr(
         stream_app[KV], "subscribe", announce_subscriptions(stream_app[KV], second_waits)

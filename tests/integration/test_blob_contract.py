@@ -15,26 +15,20 @@ nothing was left behind. Tests of one adapter's own behaviour close the file.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import os
 import secrets
 import socket
-import subprocess
-import sys
 import tracemalloc
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, unquote, urlsplit
 
 import pytest
-from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 
 from shared.blobs import (
@@ -50,10 +44,9 @@ from shared.blobs import (
     open_blob_store,
 )
 from shared.errors import BadRequestError, ConfigError
-from tests.conftest import require
+from tests.s3_server import S3Server, empty_prefix, object_keys, unfinished_uploads
 
 if TYPE_CHECKING:
-    from aiobotocore.session import ClientCreatorContext
     from types_aiobotocore_s3.client import S3Client
 
 pytestmark = pytest.mark.integration
@@ -85,151 +78,6 @@ class Harness:
     memory_bound: int
 
 
-# -- the S3 server ---------------------------------------------------------------------
-
-# A real S3-compatible server instead of moto's: VOD_TEST_S3=http://KEY:SECRET@host:9000
-# (MinIO, say). The run makes its own bucket there and deletes it at the end.
-S3_URL = os.environ.get("VOD_TEST_S3")
-S3_ACCESS_KEY = "vodtest"
-S3_SECRET_KEY = "vodtest/secret+key"  # a "/" and a "+" to prove URL-decoding
-S3_REGION = "us-east-1"
-# Run in a child process: the server's threads then never share this process's GIL or
-# count in its memory measurements, and binding port 0 there avoids a free-port race.
-# It prints its port, then serves until its stdin closes.
-MOTO_SERVER = """
-import logging, sys
-from moto.server import ThreadedMotoServer
-logging.getLogger("werkzeug").setLevel(logging.ERROR)
-server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-server.start()
-print(server.get_host_and_port()[1], flush=True)
-sys.stdin.read()
-server.stop()
-"""
-
-
-@dataclass(frozen=True)
-class S3Server:
-    endpoint: str
-    bucket: str
-    access_key: str = S3_ACCESS_KEY
-    secret_key: str = S3_SECRET_KEY
-
-    @property
-    def credentials(self) -> tuple[str, str]:
-        return (self.access_key, self.secret_key)
-
-    def url(self, prefix: str, *, credentials: bool = True) -> str:
-        userinfo = f"{quote(self.access_key, safe='')}:{quote(self.secret_key, safe='')}@"
-        return (
-            f"s3://{userinfo if credentials else ''}{self.bucket}/{prefix}"
-            f"?endpoint={self.endpoint}&region={S3_REGION}"
-        )
-
-    def admin(self) -> ClientCreatorContext[S3Client]:
-        """A plain S3 client (``async with``), to see what the store cannot show."""
-        return _admin_session().create_client(
-            "s3",
-            endpoint_url=self.endpoint,
-            region_name=S3_REGION,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            config=AioConfig(s3={"addressing_style": "path"}),
-        )
-
-
-@functools.cache
-def _admin_session() -> AioSession:
-    return AioSession()  # loads S3's service model once for the run, not once per test
-
-
-@pytest.fixture(scope="session")
-def s3_server(run_id: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    bucket = f"vodtest-{run_id}"
-    if S3_URL:
-        parts = urlsplit(S3_URL)
-        endpoint = f"{parts.scheme}://{parts.hostname}:{parts.port or 9000}"
-        require(endpoint, 9000, "the S3 server of VOD_TEST_S3")  # named without its keys
-        server = S3Server(
-            endpoint,
-            bucket,
-            unquote(parts.username or ""),
-            unquote(parts.password or ""),
-        )
-        _run_aside(_create_bucket(server))
-        yield server
-        _run_aside(_delete_bucket(server))
-        return
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-c", MOTO_SERVER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log_file,
-        )
-    assert process.stdin is not None
-    assert process.stdout is not None
-    try:
-        port = process.stdout.readline().strip()
-        if not port.isdigit():
-            pytest.fail(f"moto's server did not start: {log.read_text()[-2000:]}")
-        server = S3Server(f"http://127.0.0.1:{int(port)}", bucket)
-        _run_aside(_create_bucket(server))
-        yield server
-        _run_aside(_delete_bucket(server))
-    finally:
-        process.stdin.close()
-        process.stdout.close()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _run_aside(coroutine: Coroutine[Any, Any, None]) -> None:
-    """Runs ``coroutine`` to its end on a loop of its own, in a thread of its own.
-
-    The session fixture may be set up from inside a test's running loop (an async fixture
-    asked for it), where ``asyncio.run`` is refused.
-    """
-    with ThreadPoolExecutor(1) as thread:
-        thread.submit(asyncio.run, coroutine).result()
-
-
-async def _create_bucket(server: S3Server) -> None:
-    async with server.admin() as s3:
-        await s3.create_bucket(Bucket=server.bucket)
-
-
-async def _delete_bucket(server: S3Server) -> None:
-    async with server.admin() as s3:
-        await _empty(s3, server.bucket, "")
-        await s3.delete_bucket(Bucket=server.bucket)
-
-
-async def _empty(s3: S3Client, bucket: str, prefix: str) -> None:
-    for key in await _object_keys(s3, bucket, prefix):
-        await s3.delete_object(Bucket=bucket, Key=key)
-    for key, upload_id in await _unfinished_uploads(s3, bucket, prefix):
-        await s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
-
-
-async def _object_keys(s3: S3Client, bucket: str, prefix: str) -> list[str]:
-    paginator = s3.get_paginator("list_objects_v2")
-    return [
-        entry["Key"]
-        async for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
-        for entry in page.get("Contents", [])
-    ]
-
-
-async def _unfinished_uploads(s3: S3Client, bucket: str, prefix: str) -> list[tuple[str, str]]:
-    page = await s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
-    return [(upload["Key"], upload["UploadId"]) for upload in page.get("Uploads", [])]
-
-
 @dataclass
 class S3Place:
     """One test's prefix in the run's bucket, the stores opened on it, and a plain client."""
@@ -255,8 +103,8 @@ class S3Place:
     async def leftovers(self) -> list[str]:
         """Objects under the prefix, and ``multipart:<key>`` for each unfinished upload."""
         start = len(self.prefix) + 1
-        objects = await _object_keys(self.admin, self.server.bucket, self.prefix + "/")
-        uploads = await _unfinished_uploads(self.admin, self.server.bucket, self.prefix + "/")
+        objects = await object_keys(self.admin, self.server.bucket, self.prefix + "/")
+        uploads = await unfinished_uploads(self.admin, self.server.bucket, self.prefix + "/")
         return sorted(
             [key[start:] for key in objects] + [f"multipart:{key[start:]}" for key, _ in uploads]
         )
@@ -269,7 +117,7 @@ async def s3_place_on(server: S3Server) -> AsyncIterator[S3Place]:
         place = S3Place(server, admin)
         async with place.exits:
             yield place
-        await _empty(admin, server.bucket, place.prefix + "/")
+        await empty_prefix(admin, server.bucket, place.prefix + "/")
 
 
 @pytest.fixture

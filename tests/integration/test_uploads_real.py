@@ -122,7 +122,7 @@ async def test_chunks_spread_over_two_replicas_make_one_file(
     # Both replicas are asked to finish it: the first holds the lease mid-assembly while
     # the second waits for word through Redis, then answers what the first achieved.
     gate = Gate(first.app[BLOBS], upload_id)
-    monkeypatch.setattr(first.app[BLOBS], "read", gate.read)
+    gate.install(monkeypatch)
     second_waits = asyncio.Event()
     monkeypatch.setattr(
         second.app[KV], "subscribe", announce_subscriptions(second.app[KV], second_waits)
