@@ -11,8 +11,18 @@ import orjson
 from aiohttp import web
 
 from api_service.handlers.videos import video_json
-from api_service.keys import COMMENTS, DANMAKU, LIVE_HUB, SESSIONS, SIGNER, USERS, VIDEOS
+from api_service.keys import (
+    COMMENTS,
+    DANMAKU,
+    LIVE_HUB,
+    READ_PINS,
+    SESSIONS,
+    SIGNER,
+    USERS,
+    VIDEOS,
+)
 from api_service.live.hub import LiveHub
+from api_service.read_routing import ReadYourWrites, read_routing_middleware
 from api_service.repositories.comments import CommentRepository
 from api_service.repositories.danmaku import DanmakuRepository
 from api_service.repositories.refresh_tokens import RefreshTokenRepository
@@ -47,6 +57,7 @@ async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
     """Builds the domain services over the opened back ends."""
     settings = app[SETTINGS]
     db, kv = app[DB], app[KV]
+    app[READ_PINS] = ReadYourWrites(kv, seconds=settings.db_read_your_writes_seconds)
     hasher = PasswordHasher(
         time_cost=settings.argon2_time_cost, memory_kib=settings.argon2_memory_kib
     )
@@ -134,6 +145,9 @@ def create_app(
     """
     app = create_base_app(SERVICE, settings)
     app[SIGNER] = TokenSigner(settings.require_private_key())
+    if settings.db_read_url is not None:
+        # Reads that may go to the replica, and when a writer's must not (read_routing.py).
+        app.middlewares.append(read_routing_middleware(READ_PINS))
     app.cleanup_ctx.extend([*contexts, domain_ctx, live_ctx])
     app.on_shutdown.append(close_live_sockets)
     setup_routes(app)

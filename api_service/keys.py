@@ -3,6 +3,7 @@
 from aiohttp import web
 
 from api_service.live.hub import LiveHub
+from api_service.read_routing import ReadYourWrites
 from api_service.services.comments import CommentService
 from api_service.services.danmaku import DanmakuService
 from api_service.services.sessions import SessionService
@@ -17,3 +18,4 @@ VIDEOS = web.AppKey("videos", VideoService)
 COMMENTS = web.AppKey("comments", CommentService)
 DANMAKU = web.AppKey("danmaku", DanmakuService)
 LIVE_HUB = web.AppKey("live_hub", LiveHub)
+READ_PINS = web.AppKey("read_pins", ReadYourWrites)

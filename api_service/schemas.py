@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import ValidationError
+from shared.layout import MAX_DANMAKU_OFFSET_MS
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
 # Path words that can never be usernames, so /users/me and friends stay unambiguous.
@@ -165,11 +166,17 @@ def parse_video_changes(body: Any) -> dict[str, str]:
     return changes
 
 
+def _small_whole_number(raw: str) -> bool:
+    """ASCII digits only, and few enough for int(): str.isdigit() also accepts "²" and
+    other Unicode digits int() refuses, and int() refuses more than 4,300 digits."""
+    return raw.isascii() and raw.isdigit() and len(raw) <= 18  # noqa: PLR2004
+
+
 def parse_list_params(query: Mapping[str, str], *, allow_author: bool = True) -> ListParams:
     errors: list[dict[str, str]] = []
     raw_limit = query.get("limit", str(LIMIT_DEFAULT))
     limit = LIMIT_DEFAULT
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIMIT_MAX:
+    if not _small_whole_number(raw_limit) or not 1 <= int(raw_limit) <= LIMIT_MAX:
         errors.append({"field": "limit", "problem": f"a whole number 1-{LIMIT_MAX}"})
     else:
         limit = int(raw_limit)
@@ -190,7 +197,7 @@ DANMAKU_MAX = 100
 DANMAKU_MODES = frozenset({"scroll", "top", "bottom"})
 _COLOR_RE = re.compile(r"^#[0-9a-fA-F]{6}$")
 # The longest offset accepted while a video's duration is unknown (not probed yet): 24 h.
-MAX_OFFSET_MS = 24 * 60 * 60 * 1000
+MAX_OFFSET_MS = MAX_DANMAKU_OFFSET_MS
 # One window read covers at most an hour of the video (ten 6-minute buckets).
 MAX_WINDOW_MS = 60 * 60 * 1000
 DEFAULT_WINDOW_MS = 6 * 60 * 1000
@@ -255,7 +262,7 @@ def _milliseconds(query: Mapping[str, str], name: str, errors: list[dict[str, st
     raw = query.get(name)
     if raw is None or raw == "":
         return None
-    if not raw.isdigit() or int(raw) > MAX_OFFSET_MS:
+    if not _small_whole_number(raw) or int(raw) > MAX_OFFSET_MS:
         errors.append({"field": name, "problem": f"a whole number 0-{MAX_OFFSET_MS}"})
         return None
     return int(raw)

@@ -48,7 +48,8 @@ class CommentRepository:
         if after_id is not None:
             statement = statement.where(comments.c.id > after_id)
         statement = statement.order_by(comments.c.id).limit(limit)
-        async with self._db.connect() as conn:
+        # A page may lag by the replica's delay; the author's own reads are on the primary.
+        async with self._db.reader() as conn:
             rows = (await conn.execute(statement)).mappings().all()
         return [_comment(row) for row in rows]
 

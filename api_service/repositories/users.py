@@ -50,7 +50,8 @@ class UserRepository:
         )
 
     async def by_username(self, username: str) -> User | None:
-        async with self._db.connect() as conn:
+        # Public pages may lag; sign-in is a write request, so it reads the primary.
+        async with self._db.reader() as conn:
             result = await conn.execute(
                 select(users).where(users.c.username_key == username.lower())
             )
@@ -58,6 +59,7 @@ class UserRepository:
         return _user(row) if row else None
 
     async def by_id(self, user_id: str) -> User | None:
+        # The primary: the caller's own account (just signed up, refreshing a session).
         async with self._db.connect() as conn:
             result = await conn.execute(select(users).where(users.c.id == user_id))
             row = result.mappings().first()

@@ -138,6 +138,8 @@ class VideoRepository:
         await conn.execute(videos.insert().values(**values))
 
     async def get(self, video_id: str, *, conn: AsyncConnection | None = None) -> Video | None:
+        # The primary: one video's JSON is cached for minutes, far longer than a replica
+        # lags, so a stale read here would outlive the lag.
         statement = _visible().where(videos.c.id == video_id)
         if conn is not None:
             row = (await conn.execute(statement)).mappings().first()
@@ -163,7 +165,8 @@ class VideoRepository:
         if query:
             statement = statement.where(self._search(query))
         statement = statement.order_by(videos.c.id.desc()).limit(limit)
-        async with self._db.connect() as conn:
+        # A list may lag by the replica's delay; a writer's own reads are on the primary.
+        async with self._db.reader() as conn:
             rows = (await conn.execute(statement)).mappings().all()
         return [_video(row) for row in rows]
 
@@ -211,7 +214,7 @@ class VideoRepository:
         return result.rowcount == 1
 
     async def count_by_owner(self, owner_id: str) -> int:
-        async with self._db.connect() as conn:
+        async with self._db.reader() as conn:
             result = await conn.execute(
                 select(func.count())
                 .select_from(videos)

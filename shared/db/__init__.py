@@ -9,7 +9,13 @@ async with db.transaction() as conn:
     await conn.execute(schema.users.insert().values(...))
 """
 
-from shared.db.database import Database, alembic_config, open_database, translate_errors
+from shared.db.database import (
+    Database,
+    alembic_config,
+    open_database,
+    reads_on_primary,
+    translate_errors,
+)
 from shared.db.errors import DatabaseUnavailableError, DuplicateKeyError
 from shared.db.ids import new_id
 from shared.db.schema import UtcDateTime, metadata
@@ -23,5 +29,6 @@ __all__ = [
     "metadata",
     "new_id",
     "open_database",
+    "reads_on_primary",
     "translate_errors",
 ]

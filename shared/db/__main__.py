@@ -41,6 +41,11 @@ async def _make_admin(url: str, username: str, *, revoke: bool) -> None:
         await db.close()
     if result.rowcount != 1:
         raise ConfigError("USERNAME", f"no user {username!r}")
+    print(  # noqa: T201 - the operator's confirmation, not a log line
+        f"{username} is no longer an administrator"
+        if revoke
+        else f"{username} is now an administrator (GET /api/v1/admin/queues to check)"
+    )
 
 
 async def _run(url: str, command: str, revision: str, *, revoke: bool = False) -> None:
@@ -100,7 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatabaseUnavailableError as exc:
         logger.error("%s", exc)  # noqa: TRY400 - the cause is in the message, not a bug
         return 1
-    logger.info("schema %s to %s done", args.command, args.revision)
+    if args.command in ("migrate", "downgrade"):
+        logger.info("schema %s to %s done", args.command, args.revision)
+    elif args.command == "create-database":
+        logger.info("database ready")
     return 0
 
 

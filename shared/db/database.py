@@ -1,9 +1,18 @@
 """The relational database port: one ``Database`` over MySQL (aiomysql) or SQLite (aiosqlite).
 
-Repositories write inside ``transaction()`` and read inside ``connect()``, with SQLAlchemy
-Core statements built on ``shared.db.schema``. Driver errors leave this module as
+Repositories write inside ``transaction()`` and read inside ``connect()`` (the primary) or
+``reader()`` (a read replica when ``VOD_DB_READ_URL`` names one), with SQLAlchemy Core
+statements built on ``shared.db.schema``. Driver errors leave this module as
 ``DuplicateKeyError`` or ``DatabaseUnavailableError``; anything else (a bad statement) is
 a bug and propagates as SQLAlchemy raised it.
+
+Read/write split: ``reader()`` is for reads that may lag a little behind the last commit
+(lists, search, other people's pages). It goes to the replica engine unless the current
+context says the reads must see the caller's own writes (``reads_on_primary()``, set per
+request by the api while a user writes and for a short window after). ``connect()`` always
+reads the primary: reads that decide a write, and reads whose result is cached beyond the
+replica's lag. Without a replica (SQLite standalone, or no ``VOD_DB_READ_URL``) both are the
+primary.
 
 Opening is lazy: ``open_database`` builds the pool but does not connect, so a service
 whose database is down still starts and reports it on ``/readyz`` (via ``ping``).
@@ -14,6 +23,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Final
 
@@ -37,13 +47,28 @@ _MYSQL_STATEMENT_ERRORS = frozenset({1054})
 _SQLITE_DUPLICATE_KEY = frozenset({"SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"})
 # The execution option that makes a SQLite connection begin with BEGIN IMMEDIATE.
 _SQLITE_BEGIN_OPTION = "vod_sqlite_begin"
+# True inside ``reads_on_primary()``: ``Database.reader()`` then reads the primary. A
+# ContextVar, so it follows one request's task (and the tasks it starts) and no other.
+_PRIMARY_READS: ContextVar[bool] = ContextVar("vod_db_primary_reads", default=False)
+
+
+@contextmanager
+def reads_on_primary() -> Iterator[None]:
+    """Within the block (and tasks started in it), ``reader()`` uses the primary: the
+    reads see every write already committed, the caller's own included."""
+    token = _PRIMARY_READS.set(True)
+    try:
+        yield
+    finally:
+        _PRIMARY_READS.reset(token)
 
 
 class Database:
     """An async SQLAlchemy engine with vod's transaction, error and migration conventions."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, replica: AsyncEngine | None = None) -> None:
         self._engine = engine
+        self._replica = replica
         # Writers on SQLite take the write lock at BEGIN: a deferred transaction that reads
         # and then writes fails at once with "database is locked" when another writer got
         # in between, whereas BEGIN IMMEDIATE waits its turn (busy_timeout).
@@ -62,14 +87,32 @@ class Database:
         """``"mysql"`` or ``"sqlite"``."""
         return self._engine.dialect.name
 
+    @property
+    def has_replica(self) -> bool:
+        """Whether ``reader()`` may go to a read replica (``VOD_DB_READ_URL``)."""
+        return self._replica is not None
+
+    def reads_go_to_replica(self) -> bool:
+        """Where ``reader()`` would connect now: the replica, unless there is none or the
+        current context is inside ``reads_on_primary()``."""
+        return self._replica is not None and not _PRIMARY_READS.get()
+
     async def ping(self) -> None:
         """Run ``SELECT 1``; raises ``DatabaseUnavailableError`` when that fails."""
         async with self.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
+    async def ping_replica(self) -> None:
+        """``SELECT 1`` on the replica (the primary when there is none)."""
+        with translate_errors():
+            async with (self._replica or self._engine).connect() as conn:
+                await conn.execute(text("SELECT 1"))
+
     async def close(self) -> None:
         """Close every pooled connection. The object is not used afterwards."""
         await self._engine.dispose()
+        if self._replica is not None:
+            await self._replica.dispose()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -80,9 +123,19 @@ class Database:
 
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for reads; whatever it began is rolled back when the block ends."""
+        """A connection to the primary for reads; whatever it began is rolled back when the
+        block ends. For reads that must see the latest commit."""
         with translate_errors():
             async with self._engine.connect() as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def reader(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads that may lag behind the primary by the replica's delay:
+        the replica when there is one and the context is not ``reads_on_primary()``."""
+        engine = self._replica if self.reads_go_to_replica() else self._engine
+        with translate_errors():
+            async with (engine or self._engine).connect() as conn:
                 yield conn
 
     async def migrate(self, revision: str = "head") -> None:
@@ -99,14 +152,33 @@ class Database:
                 await conn.run_sync(_migrate_on, action)
 
 
-async def open_database(url: str, *, pool_size: int = 10, connect_timeout: float = 5.0) -> Database:
+async def open_database(
+    url: str,
+    *,
+    read_url: str | None = None,
+    pool_size: int = 10,
+    connect_timeout: float = 5.0,
+) -> Database:
     """A ``Database`` for a ``mysql+aiomysql://`` or ``sqlite+aiosqlite:///path`` URL.
 
     Does not connect yet. ``pool_size`` connections are kept per process (as many again
     may open in a burst); ``connect_timeout`` bounds one MySQL connection attempt. A
     relative SQLite path is relative to the working directory; its folder is created.
-    Raises ``ValueError`` for any other URL.
+    ``read_url`` (MySQL only) is a read replica of the same schema for ``reader()``; it
+    gets a pool of its own of the same size. Raises ``ValueError`` for any other URL.
     """
+    engine = _create_engine(url, pool_size=pool_size, connect_timeout=connect_timeout)
+    if read_url is None:
+        return Database(engine)
+    replica = _create_engine(read_url, pool_size=pool_size, connect_timeout=connect_timeout)
+    if engine.dialect.name != "mysql" or replica.dialect.name != "mysql":
+        await engine.dispose()
+        await replica.dispose()
+        raise ValueError("a read replica needs MySQL for both URLs (mysql+aiomysql://)")
+    return Database(engine, replica=replica)
+
+
+def _create_engine(url: str, *, pool_size: int, connect_timeout: float) -> AsyncEngine:
     try:
         parsed = make_url(url)
     except exc.ArgumentError:
@@ -150,7 +222,7 @@ async def open_database(url: str, *, pool_size: int = 10, connect_timeout: float
             f"unsupported database URL scheme {parsed.drivername!r}: "
             "use mysql+aiomysql:// or sqlite+aiosqlite:///"
         )
-    return Database(engine)
+    return engine
 
 
 async def create_database(url: str) -> None:

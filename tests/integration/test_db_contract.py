@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import secrets
 import socket
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from alembic.script import ScriptDirectory
@@ -32,9 +35,15 @@ from shared.db import (
     metadata,
     new_id,
     open_database,
+    reads_on_primary,
     translate_errors,
 )
 from shared.db.schema import outbox, processed_messages, refresh_tokens, users
+from shared.errors import ConfigError
+from shared.settings import STANDALONE_DEFAULTS, Settings
+from tests.clients import Publisher
+from tests.conftest import mysql_database
+from tests.stack import start_stack
 
 pytestmark = pytest.mark.integration
 
@@ -327,3 +336,163 @@ def test_new_ids_are_opaque_sortable_strings() -> None:
     assert all(re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{26}", i) for i in ids)  # Crockford base32
     assert len(set(ids)) == len(ids)
     assert new_id()[:10] >= max(ids)[:10]  # the time part never goes backwards
+
+
+# -- read/write split (VOD_DB_READ_URL) ---------------------------------------------------
+#
+# The "replica" here is a second MariaDB database of the same schema that nothing
+# replicates into: a row read from it was put there by the test, so whichever copy a read
+# returns proves which server answered it.
+
+
+@pytest.fixture
+def replica_database_url(mysql_database_url: str) -> Iterator[str]:
+    """A second, empty database beside the run's own, migrated, dropped at the end."""
+    name = f"{urlsplit(mysql_database_url).path.strip('/')}_replica_{secrets.token_hex(3)}"
+    with mysql_database(mysql_database_url, name) as url:
+        asyncio.run(_migrate(url))
+        yield url
+
+
+async def _migrate(url: str) -> None:
+    db = await open_database(url)
+    try:
+        await db.migrate()
+    finally:
+        await db.close()
+
+
+@pytest.fixture
+async def split(mysql_database_url: str, replica_database_url: str) -> AsyncIterator[Database]:
+    """A migrated, emptied primary with the unreplicated replica beside it."""
+    db = await open_database(mysql_database_url, read_url=replica_database_url)
+    try:
+        async with db.transaction() as conn:
+            await conn.run_sync(_drop_every_table)
+        await db.migrate()
+        yield db
+    finally:
+        await db.close()
+
+
+async def _usernames(conn: AsyncConnection) -> set[str]:
+    return set((await conn.execute(select(users.c.username))).scalars())
+
+
+async def test_reader_reads_the_replica_and_writes_go_to_the_primary(split: Database) -> None:
+    assert split.has_replica
+    async with split.transaction() as conn:
+        await conn.execute(users.insert().values(**_user("on_primary")))
+    async with split.reader() as conn:
+        assert await _usernames(conn) == set()  # nothing replicates: this is the replica
+    async with split.connect() as conn:
+        assert await _usernames(conn) == {"on_primary"}
+    await split.ping_replica()
+
+
+async def test_reads_on_primary_applies_to_its_own_context_only(split: Database) -> None:
+    async with split.transaction() as conn:
+        await conn.execute(users.insert().values(**_user("just_written")))
+    seen_elsewhere = asyncio.Event()
+    other_reads: list[set[str]] = []
+
+    async def another_request() -> None:
+        await seen_elsewhere.wait()
+        async with split.reader() as conn:
+            other_reads.append(await _usernames(conn))
+
+    other = asyncio.create_task(another_request())  # started outside the block
+    with reads_on_primary():
+        assert not split.reads_go_to_replica()
+        async with split.reader() as conn:
+            assert await _usernames(conn) == {"just_written"}
+        seen_elsewhere.set()
+        await other
+    assert other_reads == [set()]
+    assert split.reads_go_to_replica()
+
+
+async def test_without_a_replica_reader_is_the_primary(tmp_path: Path) -> None:
+    db = await open_database(f"sqlite+aiosqlite:///{tmp_path}/vod.db")
+    try:
+        await db.migrate()
+        assert not db.has_replica
+        assert not db.reads_go_to_replica()
+        async with db.transaction() as conn:
+            await conn.execute(users.insert().values(**_user("solo")))
+        async with db.reader() as conn:
+            assert await _usernames(conn) == {"solo"}
+    finally:
+        await db.close()
+    with pytest.raises(ValueError, match="MySQL"):
+        await open_database(
+            f"sqlite+aiosqlite:///{tmp_path}/vod.db", read_url="mysql+aiomysql://r@h/db"
+        )
+
+
+def test_standalone_settings_have_no_replica() -> None:
+    settings = Settings.from_env({}, defaults=STANDALONE_DEFAULTS)
+    assert settings.db_read_url is None
+    with pytest.raises(ConfigError, match="VOD_DB_READ_URL"):
+        Settings.from_env(
+            {"VOD_DB_READ_URL": "mysql+aiomysql://reader@replica/vod"},
+            defaults=STANDALONE_DEFAULTS,
+        )
+
+
+# Tables whose rows make a published video visible, in foreign-key order.
+_VIDEO_TABLES = ("users", "blobs", "uploads", "videos")
+
+
+async def _replicate(primary_url: str, replica_url: str) -> None:
+    """What a replica's catching up does: copy the rows the replica lacks."""
+    primary, replica = urlsplit(primary_url).path.strip("/"), urlsplit(replica_url).path.strip("/")
+    db = await open_database(primary_url)
+    try:
+        async with db.transaction() as conn:
+            for table in _VIDEO_TABLES:
+                # Only this run's fixture database names and fixed table names go in.
+                source, target = f"`{primary}`.`{table}`", f"`{replica}`.`{table}`"
+                copy = f"INSERT IGNORE INTO {target} SELECT * FROM {source}"  # noqa: S608
+                await conn.execute(text(copy))
+    finally:
+        await db.close()
+
+
+async def test_api_lists_from_the_replica_but_the_owner_reads_their_writes(
+    aiohttp_server: Any,
+    aiohttp_client: Any,
+    make_settings: Callable[..., Settings],
+    real_backends_env: dict[str, str],
+    replica_database_url: str,
+) -> None:
+    settings = make_settings(**real_backends_env, VOD_DB_READ_URL=replica_database_url)
+    stack = await start_stack(settings, aiohttp_server, aiohttp_client)
+    owner_name = f"owner_{secrets.token_hex(3)}"
+    owner = Publisher(stack, owner_name, await stack.new_user(owner_name))
+    viewer = await stack.new_user()
+    video = await owner.video("Replica lag", "a film about catching up")
+
+    async def listed(headers: dict[str, str], **params: str) -> list[str]:
+        response = await stack.gateway.get("/api/v1/videos", params=params, headers=headers)
+        assert response.status == 200, await response.text()
+        return [item["id"] for item in (await response.json())["items"]]
+
+    # The owner just wrote: their reads go to the primary, their video is there at once.
+    assert await listed(owner.auth, author=owner_name) == [video["id"]]
+    assert await listed(owner.auth, q="catching") == [video["id"]]
+    me = await stack.gateway.get("/api/v1/users/me", headers=owner.auth)
+    assert me.status == 200
+    # Everyone else reads the replica, which has not caught up (nothing replicates here).
+    assert await listed({}, author=owner_name) == []
+    assert await listed(viewer, q="catching") == []
+    assert await listed({}) == []
+    # The video itself is read from the primary (its JSON is cached beyond any lag).
+    single = await stack.gateway.get(f"/api/v1/videos/{video['id']}")
+    assert single.status == 200
+
+    await _replicate(settings.db_url, replica_database_url)
+    assert await listed({}, author=owner_name) == [video["id"]]
+    assert await listed(viewer, q="catching") == [video["id"]]
+    profile = await stack.gateway.get(f"/api/v1/users/{owner_name}")
+    assert (await profile.json())["video_count"] == 1

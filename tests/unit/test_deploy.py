@@ -69,9 +69,15 @@ PORT_VARIABLES = {
     "stream": "VOD_STREAM_PORT",
     "scheduler": "VOD_SCHEDULER_PORT",
 }
-BACKENDS = {"mariadb", "redis", "rabbitmq"}
-# Services that must see the blob store (and so the shared volume).
+BACKENDS = {"mariadb", "redis", "rabbitmq", "minio"}
+# Compose services that run once and exit (MinIO's bucket creation).
+ONE_SHOT = {"minio-init"}
+# Services that must see the blob store (the shared volume, or S3 and its keys).
 BLOB_USERS = {"stream", "scheduler"}
+# S3 keys: optional in the Secret (an IAM role or file:// blobs need none).
+S3_KEY_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+# The api's optional read replica (its URL carries a password, so it is a secret too).
+REPLICA_VARIABLE = "VOD_DB_READ_URL"
 
 # The oldest Kubernetes minor the manifests are meant for, and the newest the pinned
 # kubernetes-validate bundles: an API used but not yet there, or since removed, fails one.
@@ -339,14 +345,23 @@ def test_deployment_reads_secrets_only_from_the_secret(name: str) -> None:
     container = _container(_by_kind("Deployment")[name])
     assert container["envFrom"] == [{"configMapRef": {"name": "vod-config"}}]
     from_secret: set[str] = set()
+    optional: set[str] = set()
     for variable in container["env"]:
         assert "value" not in variable, f"{name}: {variable['name']} set inline"
-        ref = variable["valueFrom"]["secretKeyRef"]
+        ref = dict(variable["valueFrom"]["secretKeyRef"])
+        if ref.pop("optional", False):
+            optional.add(variable["name"])
         assert ref == {"name": "vod-secrets", "key": variable["name"]}
         from_secret.add(variable["name"])
-    # Only the api signs tokens, so only it holds the private key.
+    # Only the api signs tokens, so only it holds the private key; only the blob users get
+    # the S3 keys, and only the api the read replica, both optional (file:// blobs or an
+    # IAM role need no keys; a replica is optional).
+    optional_expected = (S3_KEY_VARIABLES if name in BLOB_USERS else set()) | (
+        {REPLICA_VARIABLE} if name == "api" else set()
+    )
     expected = SECRET_VARIABLES - ({"VOD_JWT_PRIVATE_KEY"} if name != "api" else set())
-    assert from_secret == expected
+    assert from_secret == expected | optional_expected
+    assert optional == optional_expected
 
 
 def test_replicas_autoscalers_and_disruption_budgets() -> None:
@@ -355,7 +370,7 @@ def test_replicas_autoscalers_and_disruption_budgets() -> None:
     assert deployments["stream"]["spec"]["replicas"] == 2
 
     autoscalers = _by_kind("HorizontalPodAutoscaler")
-    assert set(autoscalers) == {"api", "stream"}
+    assert set(autoscalers) == {"gateway", "api", "stream"}
     for name, hpa in autoscalers.items():
         target = hpa["spec"]["scaleTargetRef"]
         assert (target["kind"], target["name"]) == ("Deployment", name)
@@ -372,6 +387,39 @@ def test_replicas_autoscalers_and_disruption_budgets() -> None:
             assert pdb["spec"]["minAvailable"] < deployments[name]["spec"]["replicas"]
         else:
             assert pdb["spec"]["maxUnavailable"] >= 1
+
+
+def test_only_the_gateway_may_reach_the_upstreams() -> None:
+    (policy,) = _by_kind("NetworkPolicy").values()
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    selected = {
+        name
+        for name, deployment in _by_kind("Deployment").items()
+        if _selects(spec["podSelector"], deployment["spec"]["template"]["metadata"]["labels"])
+    }
+    assert selected == {"api", "stream", "scheduler"}
+    (rule,) = spec["ingress"]
+    (source,) = rule["from"]
+    assert set(source) == {"podSelector"}  # pods of this namespace, no ipBlock, no namespace
+    allowed = {
+        name
+        for name, deployment in _by_kind("Deployment").items()
+        if _selects(source["podSelector"], deployment["spec"]["template"]["metadata"]["labels"])
+    }
+    assert allowed == {"gateway"}
+    assert rule["ports"] == [{"protocol": "TCP", "port": "http"}]
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, and matchExpressions with In/NotIn)."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        present = labels.get(expression["key"]) in expression["values"]
+        if present != (expression["operator"] == "In"):
+            return False
+    return True
 
 
 def test_ingress_sends_everything_to_the_gateway_without_limits() -> None:
@@ -494,11 +542,14 @@ def test_compose_config_rejects_a_misspelled_key(tmp_path: Path) -> None:
 
 def test_compose_wiring(hermetic_compose: Path, tmp_path: Path) -> None:
     services = _resolved(hermetic_compose, tmp_path).services
-    assert set(services) == BACKENDS | set(PORTS)
+    assert set(services) == BACKENDS | ONE_SHOT | set(PORTS)
 
     for backend in BACKENDS:
         assert services[backend]["healthcheck"]["test"][0] == "CMD", backend
         assert "ports" not in services[backend], f"{backend} must not be published"
+    for job in ONE_SHOT:
+        assert services[job]["restart"] == "no"
+        assert "ports" not in services[job]
 
     for name, port in PORTS.items():
         service = services[name]
@@ -515,16 +566,24 @@ def test_compose_wiring(hermetic_compose: Path, tmp_path: Path) -> None:
         assert test[:3] == ["CMD", "python", "-c"]
         ast.parse(test[3])
         assert f"http://127.0.0.1:{port}/readyz" in test[3]
-        # Every dependency waited for until healthy, not merely started.
+        # Every dependency waited for until healthy (or, for a one-shot job, until it
+        # succeeded), not merely started.
         assert service["depends_on"]
-        for dependency in service["depends_on"].values():
-            assert dependency["condition"] == "service_healthy"
+        for dependency_name, dependency in service["depends_on"].items():
+            expected = (
+                "service_completed_successfully"
+                if dependency_name in ONE_SHOT
+                else "service_healthy"
+            )
+            assert dependency["condition"] == expected, (name, dependency_name)
         shutdown = float(env["VOD_SHUTDOWN_TIMEOUT"])
         assert shutdown == SHUTDOWN_TIMEOUT_SECONDS
         assert _seconds(service["stop_grace_period"]) >= shutdown + SHUTDOWN_MARGIN_SECONDS
         assert service.get("stop_signal", "SIGTERM") == "SIGTERM"
 
-    assert set(services["api"]["depends_on"]) >= BACKENDS
+    assert set(services["api"]["depends_on"]) >= BACKENDS - {"minio"}
+    for name in BLOB_USERS:
+        assert set(services[name]["depends_on"]) >= BACKENDS | ONE_SHOT
     assert {"api", "stream", "scheduler"} <= set(services["gateway"]["depends_on"])
 
 
@@ -536,19 +595,39 @@ def test_compose_publishes_only_the_gateway_on_8000(hermetic_compose: Path, tmp_
     assert (port["target"], port["published"]) == (8000, "8000")
 
 
-def test_compose_blob_volume_is_shared_by_stream_and_scheduler(
+def test_compose_blobs_live_in_the_minio_bucket_that_minio_init_makes(
     hermetic_compose: Path, tmp_path: Path
 ) -> None:
     project = _resolved(hermetic_compose, tmp_path)
-    assert "blobs" in project.model["volumes"]
+    services = project.services
+    minio = services["minio"]
+    assert any(v["source"] == "minio" for v in minio["volumes"]), "MinIO keeps its data"
+    root_user = minio["environment"]["MINIO_ROOT_USER"]
+    root_password = minio["environment"]["MINIO_ROOT_PASSWORD"]
+    # The bucket minio-init makes, on the server, with the root keys ...
+    init = services["minio-init"]
+    made = urlsplit(init["environment"]["MC_HOST_vod"])
+    assert (made.hostname, made.port) == ("minio", 9000)
+    assert (made.username, made.password) == (root_user, root_password)
+    assert init["entrypoint"] == ["mc"]
+    assert init["command"] == ["mb", "--ignore-existing", "vod/vod"]
+    # ... is the one stream and scheduler use, with the same keys; no vod service mounts
+    # blobs from disk any more.
     for name in PORTS:
-        service = project.services[name]
-        blob_path = urlsplit(service["environment"]["VOD_BLOB_URL"]).path
-        mounts = {v["source"]: v["target"] for v in service.get("volumes", [])}
+        service = services[name]
+        blob_url = urlsplit(service["environment"]["VOD_BLOB_URL"])
+        assert (blob_url.scheme, blob_url.hostname) == ("s3", "vod")
+        assert "endpoint=http://minio:9000" in blob_url.query
+        assert not service.get("volumes"), f"{name} mounts nothing"
+        env = service["environment"]
         if name in BLOB_USERS:
-            assert mounts == {"blobs": blob_path}
+            assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
+                root_user,
+                root_password,
+            )
         else:
-            assert "blobs" not in mounts
+            assert not S3_KEY_VARIABLES & set(env), f"{name} needs no S3 keys"
+    assert "blobs" not in project.model["volumes"]
 
 
 def test_compose_with_only_the_example_env_file_refuses_to_start(
@@ -798,6 +877,8 @@ def _looks_random(token: str) -> bool:
     """
     digits = sum(c.isdigit() for c in token)
     letters = sum(c.isalpha() for c in token)
+    if _is_code_name(token):
+        return False
     if len(token) >= 32 and _HEX.fullmatch(token) and digits >= 3 and letters >= 3:
         return True
     return (
@@ -805,6 +886,15 @@ def _looks_random(token: str) -> bool:
         and any(c.islower() for c in token)
         and any(c.isupper() for c in token)
         and _entropy(token) > 4.0
+    )
+
+
+def _is_code_name(token: str) -> bool:
+    """snake_case / SCREAMING_CASE words joined by _ or = (``default=DEFAULT_MAX_P95_MS``):
+    random text almost never keeps one case within every word."""
+    words = re.split(r"[_=]", token)
+    return len(words) > 1 and all(
+        word and (word.islower() or word.isupper() or word.isdigit()) for word in words
     )
 
 
@@ -850,6 +940,7 @@ def test_secret_scan_tells_generated_secrets_from_names() -> None:
         "PIP_DISABLE_PIP_VERSION_CHECK=1",
         "test_compose_publishes_only_the_gateway_on_8000",
         "--from-file=VOD_JWT_PRIVATE_KEY=jwt-private",
+        "default=DEFAULT_MAX_P95_MS",
     ):
         assert not _looks_random(name), name
 
