@@ -52,6 +52,7 @@ from shared.settings import Settings
 from shared.web import (
     METRICS,
     READINESS_CHECKS,
+    SERVER_OPTIONS,
     SETTINGS,
     CleanupContext,
     ReadinessCheck,
@@ -72,6 +73,11 @@ def create_app(settings: Settings, *, health: HealthPolicy | None = None) -> web
         require_internal_token=False,
         client_max_size=settings.max_json_bytes,
     )
+    # aiohttp arms its keep-alive timer when a connection opens and again after each
+    # response, and closes the connection if no complete request head has arrived when it
+    # fires: set to the header timeout, it drops clients that send headers too slowly (or
+    # nothing at all) and idle keep-alive connections alike. Bodies: gateway.proxy.pacing.
+    app[SERVER_OPTIONS] = {"keepalive_timeout": settings.client_header_timeout}
     install_cors(app, settings.cors_origins)
     # Built here, not at first use: a gateway without a valid public key must not start.
     verifier = TokenVerifier(settings.require_public_key())

@@ -25,12 +25,14 @@ BLOBS = web.AppKey("blobs", BlobStore)
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    database = await open_database(settings.db_url)
+    database = await open_database(settings.db_url, read_url=settings.db_read_url)
     try:
         if settings.db_migrate:
             await database.migrate()
         app[DB] = database
         app[READINESS_CHECKS]["database"] = database.ping
+        if database.has_replica:
+            app[READINESS_CHECKS]["database_replica"] = database.ping_replica
         yield
     finally:
         await database.close()

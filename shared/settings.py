@@ -65,6 +65,10 @@ class Settings:
     stream_port: int = 8002
     scheduler_port: int = 8003
     db_migrate: bool = False
+    # A MySQL read replica for reads that may lag (lists, search); None = all on the primary.
+    db_read_url: str | None = field(default=None, repr=False)
+    # After a user's write, their reads stay on the primary this long (replica lag bound).
+    db_read_your_writes_seconds: float = 5.0
     cors_origins: tuple[str, ...] = ()
     max_upload_bytes: int = 20 * GIB
     # Bytes each user may keep in videos and uploads; 0 = unlimited (stream_service).
@@ -74,6 +78,17 @@ class Settings:
     stream_max_per_client: int = 8
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 60.0
+    # Slow clients at the gateway (docs/security.md): the time to send a request's
+    # headers (from connecting, or from the end of the previous response, which also
+    # bounds an idle keep-alive connection); the longest wait for the next piece of a
+    # body; and the slowest body rate tolerated (bytes/s, 0 = no rate floor).
+    client_header_timeout: float = 10.0
+    client_body_timeout: float = 30.0
+    client_min_body_rate: int = 1024
+    # SIGTERM: readiness (and /healthz) turn 503 at once and the process keeps serving for
+    # shutdown_drain_seconds, so balancers and the gateway stop sending new requests; then
+    # it stops accepting connections and in-flight requests get shutdown_timeout to finish.
+    shutdown_drain_seconds: float = 0.0
     shutdown_timeout: float = 30.0
     log_level: str = "INFO"
     # Argon2id cost; the defaults are argon2-cffi's (RFC 9106 "low memory"). Tests lower them.
@@ -125,6 +140,10 @@ class Settings:
             stream_port=reader.parse("VOD_STREAM_PORT", "8002", _port),
             scheduler_port=reader.parse("VOD_SCHEDULER_PORT", "8003", _port),
             db_migrate=reader.parse("VOD_DB_MIGRATE", "0", _bool),
+            db_read_url=_read_replica_url(reader, source),
+            db_read_your_writes_seconds=reader.parse(
+                "VOD_DB_READ_YOUR_WRITES_SECONDS", "5", _positive_float
+            ),
             cors_origins=reader.parse("VOD_CORS_ORIGINS", "", _origins),
             max_upload_bytes=reader.parse("VOD_MAX_UPLOAD_BYTES", str(20 * GIB), _positive_int),
             user_quota_bytes=reader.parse("VOD_USER_QUOTA_BYTES", "0", _non_negative_int),
@@ -135,6 +154,14 @@ class Settings:
                 "VOD_UPSTREAM_CONNECT_TIMEOUT", "5", _positive_float
             ),
             upstream_read_timeout=reader.parse("VOD_UPSTREAM_READ_TIMEOUT", "60", _positive_float),
+            client_header_timeout=reader.parse("VOD_CLIENT_HEADER_TIMEOUT", "10", _positive_float),
+            client_body_timeout=reader.parse("VOD_CLIENT_BODY_TIMEOUT", "30", _positive_float),
+            client_min_body_rate=reader.parse(
+                "VOD_CLIENT_MIN_BODY_RATE", "1024", _non_negative_int
+            ),
+            shutdown_drain_seconds=reader.parse(
+                "VOD_SHUTDOWN_DRAIN_SECONDS", "0", _non_negative_float
+            ),
             shutdown_timeout=reader.parse("VOD_SHUTDOWN_TIMEOUT", "30", _positive_float),
             log_level=reader.parse("VOD_LOG_LEVEL", "INFO", _log_level),
             argon2_time_cost=reader.parse("VOD_ARGON2_TIME_COST", "3", _positive_int),
@@ -219,6 +246,16 @@ class _Reader:
             raise ConfigError(name, f"{raw!r} is not valid: {exc}") from None
 
 
+def _read_replica_url(reader: _Reader, source: Mapping[str, str]) -> str | None:
+    """VOD_DB_READ_URL: optional, MySQL, and only beside a MySQL primary."""
+    if "VOD_DB_READ_URL" not in source:
+        return None
+    url = reader.url("VOD_DB_READ_URL", ("mysql+aiomysql",))
+    if urlsplit(source.get("VOD_DB_URL", "")).scheme != "mysql+aiomysql":
+        raise ConfigError("VOD_DB_READ_URL", "needs a MySQL VOD_DB_URL (replicas are MySQL's)")
+    return url
+
+
 def _secret(name: str, value: str | None) -> str:
     if value is None:
         raise ConfigError(name, "is required but not set")
@@ -244,6 +281,13 @@ def _positive_int(raw: str) -> int:
 def _non_negative_int(raw: str) -> int:
     value = int(raw)
     if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:  # also refuses nan
         raise ValueError("must be 0 or more")
     return value
 

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from shared.auth import Identity
+from shared.db.errors import DatabaseUnavailableError
 from shared.errors import (
     AppError,
     BadRequestError,
@@ -92,6 +93,18 @@ class HttpMetrics:
 
 
 METRICS = web.AppKey("metrics", HttpMetrics)
+# Options for the HTTP server that runs an app (``aiohttp.web.Server`` / ``RequestHandler``
+# keyword arguments): the gateway sets its slow-client bounds here; every launcher
+# (``shared.runner``, ``standalone``, the tests) passes them on via ``server_options``.
+SERVER_OPTIONS = web.AppKey("server_options", dict[str, Any])
+
+
+def server_options(app: web.Application) -> dict[str, Any]:
+    """Keyword arguments for the ``AppRunner`` / ``run_app`` / ``TestServer`` serving ``app``."""
+    if SERVER_OPTIONS not in app:
+        return {}
+    options: dict[str, Any] = app[SERVER_OPTIONS]
+    return dict(options)
 
 
 def json_response(
@@ -217,6 +230,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except AppError as error:
         return app_error_response(error)
+    except DatabaseUnavailableError as error:
+        # The database port raises a plain exception (it knows nothing of HTTP): an
+        # outage is a 503 the client may retry, not an internal error.
+        logger.warning("database unavailable in %s %s: %s", request.method, request.path, error)
+        return app_error_response(unavailable("database"))
     except web.HTTPException as exc:
         if exc.status < 400:  # noqa: PLR2004 - redirects and successes pass through
             raise
@@ -262,13 +280,35 @@ def internal_token_middleware(token: str) -> Middleware:
     return middleware
 
 
-async def healthz(_request: web.Request) -> web.Response:
-    """Liveness: the process answers. Never touches a back end."""
+class Lifecycle:
+    """Whether the process is draining: SIGTERM received, on its way out (shared.runner)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+
+
+def _draining_response() -> web.Response:
+    return json_response({"status": "draining"}, status=503)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers. Never touches a back end.
+
+    503 while draining: the gateway's replica check reads this, and must stop choosing a
+    replica that is about to close its door.
+    """
+    if request.app[LIFECYCLE].draining:
+        return _draining_response()
     return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: every back end this service needs answers within a short deadline."""
+    if request.app[LIFECYCLE].draining:
+        return _draining_response()
     checks = request.app[READINESS_CHECKS]
     results = await asyncio.gather(
         *(_run_check(check) for check in checks.values()), return_exceptions=False
@@ -325,6 +365,7 @@ def create_base_app(
     app[SERVICE_NAME] = service
     app[METRICS] = HttpMetrics(service)
     app[READINESS_CHECKS] = {}
+    app[LIFECYCLE] = Lifecycle()
     app.on_response_prepare.append(_stamp_request_id)
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")

@@ -24,6 +24,7 @@ from shared.errors import ConfigError
 from shared.logging import configure_logging
 from shared.runner import EXIT_CONFIG_ERROR
 from shared.settings import STANDALONE_DEFAULTS, Settings
+from shared.web import server_options
 from stream_service.app import create_app as create_stream_app
 
 logger = logging.getLogger("standalone")
@@ -46,12 +47,14 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     runners: list[web.AppRunner] = []
     try:
         for name, factory, port in _apps(settings):
+            app = factory(settings)
             runner = web.AppRunner(
-                factory(settings),
+                app,
                 access_log=None,
                 shutdown_timeout=settings.shutdown_timeout,
                 # Only the gateway faces clients: a hang-up there cancels the upstream call.
                 handler_cancellation=name == "gateway",
+                **server_options(app),
             )
             await runner.setup()
             runners.append(runner)

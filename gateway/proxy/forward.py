@@ -9,16 +9,17 @@ control), so memory stays flat however large the transfer.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from typing import Final
 
-from aiohttp import ClientError, ClientResponse, StreamReader, web
+from aiohttp import ClientError, ClientResponse, web
 
 from gateway.identity import ACCESS_TOKEN_PARAM
 from gateway.proxy.client import UpstreamClient
 from gateway.proxy.headers import client_response_headers, upstream_request_headers
+from gateway.proxy.pacing import BodyPace, paced_body
 from gateway.proxy.table import Service
 from shared.auth import Identity
+from shared.web import SETTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +40,6 @@ def upstream_target(request: web.Request) -> str:
     return url.raw_path + ("?" + query if query else "")
 
 
-async def _stream_body(content: StreamReader) -> AsyncIterator[bytes]:
-    async for chunk in content.iter_chunked(REQUEST_CHUNK_BYTES):
-        yield chunk
-
-
 async def forward_http(
     request: web.Request,
     upstreams: UpstreamClient,
@@ -55,12 +51,15 @@ async def forward_http(
     """Sends ``request`` to ``service`` and streams the answer back to the client."""
     headers = upstream_request_headers(request, internal_token=internal_token, identity=identity)
     has_body = request.body_exists
+    settings = request.app[SETTINGS]
+    # A client that sends its body too slowly is dropped (gateway.proxy.pacing).
+    pace = BodyPace(settings.client_body_timeout, settings.client_min_body_rate)
     upstream = await upstreams.request(
         service,
         request.method,
         upstream_target(request),
         headers=headers,
-        body=lambda: _stream_body(request.content) if has_body else None,
+        body=lambda: paced_body(request, pace, REQUEST_CHUNK_BYTES) if has_body else None,
     )
     try:
         return await _relay_response(request, upstream, service)
