@@ -3,7 +3,8 @@
 Plain files from the package (``gateway/web``), no build step and nothing from a CDN.
 The page is one document with hash routes (``#/videos/<id>``), so ``/`` is the only
 HTML path. The Content-Security-Policy allows nothing but this origin: scripts, the
-hashing worker, the API (``connect-src`` includes the live WebSocket) and the streams.
+hashing worker, the API (``connect-src 'self'`` includes the live WebSocket) and the
+streams; no inline script or style attribute (the page sets styles through the DOM).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ CONTENT_SECURITY_POLICY: Final = "; ".join(
         "style-src 'self'",
         "img-src 'self' data:",
         "media-src 'self'",
-        "connect-src 'self' ws: wss:",
+        "connect-src 'self'",  # CSP 3: 'self' covers ws:/wss: to this host too
         "object-src 'none'",
         "base-uri 'none'",
         "frame-ancestors 'none'",
@@ -49,13 +50,15 @@ CACHE_CONTROL: Final = "no-cache"
 def web_files(root: Path = WEB_ROOT) -> dict[str, Path]:
     """Every servable file of the front end by its path under ``/static/``, read once.
 
-    Serving from this table, not from the request's path, means no "../" or symlink can
-    reach beyond the front end, and no file-system call happens per request.
+    Serving from this table, not from the request's path, means no "../" can reach
+    beyond the front end, and no file-system call happens per request. A symlink that
+    leads out of the tree is left out too.
     """
+    root = root.resolve()
     return {
         path.relative_to(root).as_posix(): path
         for path in sorted(root.rglob("*"))
-        if path.is_file() and path.suffix in CONTENT_TYPES
+        if path.is_file() and path.suffix in CONTENT_TYPES and path.resolve().is_relative_to(root)
     }
 
 

@@ -5,6 +5,8 @@
 // shared promise) and across tabs (a Web Lock; after taking it, a tab first looks whether
 // another tab already refreshed and stored a newer pair).
 
+import { formatBytes } from "./dom.js";
+
 export const API = "/api/v1";
 const STORAGE_KEY = "vod.session";
 // Refresh this long before the access token expires (15 min lifetime).
@@ -31,8 +33,19 @@ function readStored() {
 export function describeError(error) {
   if (!(error instanceof ApiError)) return String((error && error.message) || error);
   if (error.status === 0) return "You appear to be offline: check your connection and try again.";
+  const problem = error.problem;
+  if (error.code === "upload_too_large" && Number.isFinite(problem.max_bytes)) {
+    return `This file is too big: the largest upload allowed is ${formatBytes(problem.max_bytes)}.`;
+  }
+  if (error.code === "quota_exceeded" && Number.isFinite(problem.quota_bytes)) {
+    return (
+      `Not enough room in your storage: this file needs ${formatBytes(problem.size)}, ` +
+      `and ${formatBytes(problem.remaining_bytes)} of your ${formatBytes(problem.quota_bytes)} are free. ` +
+      "Delete videos or unfinished uploads to make room."
+    );
+  }
   if (error.status === 413) {
-    return error.problem.detail || "That file is too big, or over your storage quota.";
+    return problem.detail || "That file is too big, or over your storage quota.";
   }
   if (error.status === 429) return error.problem.detail || "Too many requests: wait a moment and try again.";
   if (error.status >= 500) return "The server had a problem. Please try again in a moment.";

@@ -218,9 +218,14 @@ function uploadView() {
   const submit = h("button", { type: "submit" }, "Upload and publish");
   let upload = null;
 
+  // The title follows the picked file's name until the person types their own.
+  let autoTitle = "";
   file.addEventListener("change", () => {
     const picked = file.files[0];
-    if (picked && !title.value) title.value = picked.name.replace(/\.[^.]+$/, "");
+    if (picked && title.value === autoTitle) {
+      autoTitle = picked.name.replace(/\.[^.]+$/, "");
+      title.value = autoTitle;
+    }
   });
 
   const form = h(
@@ -234,6 +239,9 @@ function uploadView() {
         submit.disabled = true;
         error.hidden = true;
         progressBox.hidden = false;
+        bar.value = 0;
+        figures.textContent = "";
+        status.textContent = "";
         upload = new Upload(session, picked);
         upload.addEventListener("status", (e) => (status.textContent = e.detail.text));
         upload.addEventListener("progress", (e) => {
@@ -252,7 +260,7 @@ function uploadView() {
           go(`#/videos/${encodeURIComponent(video.id)}`);
         } catch (err) {
           showError(error, err);
-          status.textContent = "";
+          progressBox.hidden = true; // what failed is said above; no stale figures
         } finally {
           submit.disabled = false;
         }

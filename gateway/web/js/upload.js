@@ -116,6 +116,7 @@ export class Upload extends EventTarget {
       return created.upload_id;
     }
     rememberUpload(this.file, created.upload_id, contentHash);
+    this.status(`Uploading ${created.total_chunks} chunk${created.total_chunks === 1 ? "" : "s"}…`);
     const indices = Array.from({ length: created.total_chunks }, (_, i) => i);
     return this.sendChunks(created.upload_id, created.chunk_size, indices);
   }
@@ -180,11 +181,9 @@ export class Upload extends EventTarget {
         this.sentByChunk.delete(index);
         const retryable = error.status === 0 || error.status >= 500 || error.status === 429;
         if (!retryable || attempt >= RETRY_DELAYS_MS.length || this.cancelled) throw error;
-        this.status(
-          error.status === 0
-            ? "Connection lost: the upload will continue when it is back."
-            : "The server is busy: retrying…",
-        );
+        if (error.status !== 0) this.status("The server is busy: retrying…");
+        else if (!navigator.onLine) this.status("You are offline: the upload will continue when the connection is back.");
+        else this.status("Connection lost: the upload will continue when it is back.");
         await waitOnline();
         await new Promise((resolve) => setTimeout(resolve, RETRY_DELAYS_MS[attempt]));
       }

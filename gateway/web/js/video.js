@@ -29,7 +29,7 @@ export function videoView(ctx) {
   })();
 
   function render(video) {
-    const player = h("video", { controls: true, preload: "metadata", src: video.stream_url, playsInline: true });
+    const player = h("video", { controls: true, preload: "metadata", src: video.stream_url, playsInline: true, "aria-label": `Video: ${video.title}` });
     const layer = h("div", { class: "danmaku-layer", "aria-hidden": "true" });
     const viewers = h("span", { class: "viewers", "data-testid": "viewers" }, "");
     const title = h("h1", { class: "video-heading" }, video.title);
@@ -39,12 +39,12 @@ export function videoView(ctx) {
     const owner = isOwner ? ownerTools(video, title, description) : null;
     setView(
       video.title,
-      h("div", { class: "player" }, player, layer),
+      h("div", { class: "player", role: "region", "aria-label": "Video player" }, player, layer),
       title,
       meta,
       description,
       owner,
-      danmakuForm(player),
+      danmakuForm(player, layer),
       comments(video, isOwner),
     );
     startDanmaku(video, player, layer);
@@ -112,19 +112,25 @@ export function videoView(ctx) {
   const shown = new Set();
   const loadedWindows = new Set();
   let items = [];
-  let lastTime = 0;
+  // Just before the position last looked at: a danmaku at exactly 0 ms (or at a seek
+  // target) is shown too.
+  let lastTime = -1;
   let lane = 0;
 
   function show(item, layer) {
     if (shown.has(item.id)) return;
     shown.add(item.id);
     const el = h("span", { class: `danmaku ${item.mode}`, "data-id": item.id }, item.content);
-    el.style.color = item.color;
+    // White (the stylesheet's) unless the sender chose a colour.
+    if (/^#[0-9a-f]{6}$/i.test(item.color || "")) el.style.color = item.color;
     if (item.mode === "scroll") {
       el.style.top = `${(lane++ % LANES) * 1.6 + 0.3}em`;
       el.style.setProperty("--distance", `${layer.clientWidth}px`);
     }
-    el.addEventListener("animationend", () => el.remove());
+    el.addEventListener("animationend", () => {
+      el.remove();
+      shown.delete(item.id); // played again after a seek back, it shows again
+    });
     layer.append(el);
   }
 
@@ -143,7 +149,7 @@ export function videoView(ctx) {
   function startDanmaku(video, player, layer) {
     loadWindow(video, 0);
     player.addEventListener("seeking", () => {
-      lastTime = player.currentTime * 1000;
+      lastTime = player.currentTime * 1000 - 1;
     });
     player.addEventListener("timeupdate", () => {
       const now = player.currentTime * 1000;
@@ -157,7 +163,7 @@ export function videoView(ctx) {
     });
   }
 
-  function danmakuForm(player) {
+  function danmakuForm(player, layer) {
     if (!session.signedIn) {
       return h("p", { class: "hint" }, h("a", { href: "#/signin" }, "Sign in"), " to send danmaku and comments.");
     }
@@ -169,14 +175,17 @@ export function videoView(ctx) {
       "form",
       {
         class: "danmaku-form",
+        "aria-label": "Send a danmaku",
         onSubmit: async (event) => {
           event.preventDefault();
           error.hidden = true;
           try {
-            await session.fetch("POST", `/videos/${encodeURIComponent(id)}/danmaku`, {
+            const sent = await session.fetch("POST", `/videos/${encodeURIComponent(id)}/danmaku`, {
               body: { offset_ms: Math.round(player.currentTime * 1000), content: content.value, mode: mode.value, color: color.value },
             });
             content.value = "";
+            // Shown at once to its sender; the live echo (same id) is then skipped.
+            if (sent && sent.id) show(sent, layer);
           } catch (err) {
             showError(error, err);
           }
@@ -278,6 +287,7 @@ export function videoView(ctx) {
         "form",
         {
           class: "comment-form",
+          "aria-label": "Post a comment",
           onSubmit: async (event) => {
             event.preventDefault();
             error.hidden = true;
