@@ -48,15 +48,26 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+## make bench: every micro-benchmark (~12 min, real back ends): bench/results/<name>.json,
+## SUMMARY.md and latency-against-load PNGs; `python -m bench NAME` runs one.
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
-## make loadtest: locust, headless and bounded, against VOD_GATEWAY (the standalone stack by default).
+## make loadtest: locust, headless and bounded, against VOD_GATEWAY (the standalone stack by
+## default; START=1 also starts it); CSV, HTML and JSON to bench/results/; fails over the
+## thresholds (loadtests/README.md).
 VOD_GATEWAY ?= http://127.0.0.1:8000
+LOADTEST_USERS ?= 20
+LOADTEST_SPAWN_RATE ?= 5
+LOADTEST_TIME ?= 60s
+LOADTEST_MAX_FAILURE_RATIO ?= 0.01
+LOADTEST_MAX_P95_MS ?= 500
+START ?=
 loadtest: $(STAMP)
-	mkdir -p bench/results
-	$(BIN)/locust -f loadtests/locustfile.py --headless -u 10 -r 5 -t 10s --host $(VOD_GATEWAY) \
-		--csv bench/results/locust --html bench/results/locust.html
+	$(BIN)/python loadtests/run.py --host $(VOD_GATEWAY) -u $(LOADTEST_USERS) \
+		-r $(LOADTEST_SPAWN_RATE) -t $(LOADTEST_TIME) \
+		--max-failure-ratio $(LOADTEST_MAX_FAILURE_RATIO) --max-p95-ms $(LOADTEST_MAX_P95_MS) \
+		$(if $(filter 1,$(START)),--start)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -44,6 +44,14 @@ def discover() -> list[Benchmark]:
     return found
 
 
+def draw(name: str, result: dict[str, Any]) -> list[Path]:
+    """The PNGs of latency against load, for the benchmarks that sweep a load."""
+    from bench import _plots  # noqa: PLC0415 - matplotlib only when plotting
+
+    plotters = {"streaming": _plots.streaming, "danmaku": _plots.danmaku}
+    return plotters[name](result, RESULTS) if name in plotters else []
+
+
 def write_summary(benchmarks: Sequence[Benchmark]) -> Path:
     lines = ["# vod benchmarks", "", "Written by `make bench` (`python -m bench`).", ""]
     for benchmark in benchmarks:
@@ -54,6 +62,9 @@ def write_summary(benchmarks: Sequence[Benchmark]) -> Path:
         result = json.loads(path.read_text())
         lines += [f"## {benchmark.name} ({result.get('measured_at', 'undated')})", ""]
         lines += benchmark.summarize(result)
+        plot = RESULTS / f"{benchmark.name}.png"
+        if plot.exists():
+            lines += ["", f"![latency against load: {benchmark.name}]({plot.name})"]
         lines.append("")
     summary = RESULTS / "SUMMARY.md"
     summary.write_text("\n".join(lines))
@@ -81,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench: {benchmark.name} done in {time.perf_counter() - started:.0f} s -> {path}")
         for line in benchmark.summarize(result):
             print("  " + line)
+        for plot in draw(benchmark.name, result):
+            print(f"bench: {benchmark.name} plot -> {plot}")
     print(f"bench: summary -> {write_summary(benchmarks)}")
     return 0
 

@@ -17,39 +17,42 @@ thread: ``-c 4`` full-file GETs, ``-c 8`` GETs of 1 MiB at a random offset (a Lu
 builds each ``Range`` header). The per-client stream cap is raised for the run: every wrk
 connection comes from 127.0.0.1. CPU seconds of each process (wrk included) are noted
 beside every figure: on two cores the load tool shares the machine with the servers.
+
+Then latency against load: 1 MiB ranges at 1, 2, 4, ... 32 connections, 2 s per point,
+targets interleaved (``sweep`` in the JSON, ``streaming.png``; ``VOD_BENCH_STREAM_SWEEP``
+picks the counts, empty skips it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
-import platform
-import re
-import resource
 import secrets
 import shutil
-import signal
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
-import psutil
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bench._harness import (
+    WRK_DONE,
+    Server,
+    ensure_debian_tool,
+    free_port,
+    insert_video,
+    machine,
+    median_of,
+    start,
+    unsigned_public_key,
+    wait_ready,
+)
+from bench._harness import run_wrk as harness_run_wrk
 from shared.content_hash import ContentHasher
-from shared.db import new_id, open_database
-from shared.db.schema import blobs, users, videos
 from shared.layout import content_blob_key
 
 NAME: Final = "streaming"
@@ -61,9 +64,20 @@ SECONDS: Final = int(os.environ.get("VOD_BENCH_STREAM_SECONDS", "6"))
 REPEATS: Final = int(os.environ.get("VOD_BENCH_STREAM_REPEATS", "3"))
 WARM_UP_SECONDS: Final = 2
 CONNECTIONS: Final = {"full": 4, "ranges": 8}
-HEALTH_TRIES: Final = 300
-ROOT: Final = Path(__file__).resolve().parents[1]
 TARGETS: Final = ("gateway", "direct", "nginx")
+# The latency-against-load sweep (ranges only): connection counts, seconds per point;
+# VOD_BENCH_STREAM_SWEEP="" skips it.
+SWEEP: Final = tuple(
+    int(c) for c in os.environ.get("VOD_BENCH_STREAM_SWEEP", "1,2,4,8,16,32").split(",") if c
+)
+SWEEP_SECONDS: Final = 2.0
+# Issue 10's targets, as ratios to nginx: (kind, target, at least).
+TARGET_RATIOS: Final = (
+    ("full", "direct", 0.9),
+    ("ranges", "direct", 0.8),
+    ("full", "gateway", 0.5),
+    ("ranges", "gateway", 0.5),
+)
 
 NGINX_CONF: Final = """\
 worker_processes 1;
@@ -91,7 +105,8 @@ http {{
 
 # wrk's Lua: a random 1 MiB range per request (when RANGE is set), headers from the
 # environment, and a JSON summary on stdout at the end.
-WRK_SCRIPT: Final = """\
+WRK_SCRIPT: Final = (
+    """\
 local range_bytes = tonumber(os.getenv("BENCH_RANGE_BYTES") or "0")
 local file_bytes = tonumber(os.getenv("BENCH_FILE_BYTES"))
 local token = os.getenv("BENCH_INTERNAL_TOKEN")
@@ -108,42 +123,9 @@ function request()
   return wrk.format("GET", wrk.path)
 end
 
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '\\n{"requests": %d, "bytes": %d, "duration_us": %d, "errors": %d, '
-    .. '"p50_ms": %.2f, "p99_ms": %.2f}\\n',
-    summary.requests, summary.bytes, summary.duration,
-    e.connect + e.read + e.write + e.status + e.timeout,
-    latency:percentile(50) / 1000, latency:percentile(99) / 1000))
-end
 """
-
-
-def ensure_debian_tool(command: str, package: str) -> str:
-    """The path of ``command``, installing Debian's ``package`` first when it is missing."""
-    found = shutil.which(command) or shutil.which(command, path="/usr/sbin:/usr/bin")
-    if found:
-        return found
-    subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-qq", package],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-    )
-    found = shutil.which(command) or shutil.which(command, path="/usr/sbin:/usr/bin")
-    if not found:
-        raise RuntimeError(f"{package} installed but no {command} on PATH")
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
+    + WRK_DONE
+)
 
 # -- the film ------------------------------------------------------------------------------
 
@@ -166,98 +148,11 @@ async def publish(db_url: str, blob_root: Path, film: Path) -> str:
     target = blob_root / content_blob_key(content_hash)
     target.parent.mkdir(parents=True, exist_ok=True)
     os.link(film, target)
-    now = datetime.now(UTC)
-    owner_id, video_id = new_id(), new_id()
-    database = await open_database(db_url)
-    try:
-        await database.migrate()
-        async with database.transaction() as conn:
-            await conn.execute(
-                users.insert().values(
-                    id=owner_id,
-                    username="bench",
-                    username_key="bench",
-                    password_hash="-",  # noqa: S106 - nobody signs in as the bench
-                    created_at=now,
-                )
-            )
-            await conn.execute(
-                blobs.insert().values(
-                    content_hash=content_hash, size=FILE_BYTES, ref_count=1, created_at=now
-                )
-            )
-            await conn.execute(
-                videos.insert().values(
-                    id=video_id,
-                    owner_id=owner_id,
-                    upload_id=new_id(),
-                    title="bench",
-                    description="",
-                    content_hash=content_hash,
-                    size=FILE_BYTES,
-                    filename="film.mp4",
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
-    finally:
-        await database.close()
+    _, video_id = await insert_video(db_url, content_hash=content_hash, size=FILE_BYTES)
     return video_id
 
 
 # -- the servers ---------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    name: str
-    popen: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-
-    def processes(self) -> list[psutil.Process]:
-        """The process and its children (nginx's worker)."""
-        parent = psutil.Process(self.popen.pid)
-        return [parent, *parent.children(recursive=True)]
-
-    def cpu_seconds(self) -> float:
-        return sum(sum(p.cpu_times()[:2]) for p in self.processes())
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-
-def start(name: str, argv: list[str], env: Mapping[str, str], url: str, work: Path) -> Server:
-    log_path = work / f"{name}.log"
-    with log_path.open("wb") as log:
-        popen = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    return Server(name, popen, url, log_path)
-
-
-async def wait_ready(server: Server, path: str, session: aiohttp.ClientSession) -> None:
-    for _ in range(HEALTH_TRIES):
-        if server.popen.poll() is not None:
-            raise RuntimeError(f"{server.name} exited:\n{server.log_path.read_text()}")
-        try:
-            async with session.head(server.url + path) as response:
-                if response.status < 500:  # noqa: PLR2004 - it answers
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)  # polling a process we do not control
-    raise RuntimeError(f"{server.name} never answered:\n{server.log_path.read_text()}")
 
 
 async def check_same_bytes(
@@ -278,36 +173,23 @@ async def check_same_bytes(
 
 
 def run_wrk(
-    wrk: str, script: Path, url: str, *, kind: str, seconds: int, token: str
+    wrk: str,
+    script: Path,
+    url: str,
+    *,
+    kind: str,
+    seconds: float,
+    token: str,
+    connections: int | None = None,
 ) -> dict[str, Any]:
     env = {
-        **os.environ,
         "BENCH_FILE_BYTES": str(FILE_BYTES),
         "BENCH_RANGE_BYTES": str(RANGE_BYTES if kind == "ranges" else 0),
         "BENCH_INTERNAL_TOKEN": token,
     }
-    command = [
-        wrk,
-        "-t1",
-        f"-c{CONNECTIONS[kind]}",
-        f"-d{seconds}s",
-        "--timeout",
-        "30s",
-        "-s",
-        str(script),
-        url,
-    ]
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-    match = re.search(r"^\{.*\}$", completed.stdout, re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"no summary from wrk:\n{completed.stdout}\n{completed.stderr}")
-    summary: dict[str, Any] = json.loads(match[0])
-    return summary
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    return harness_run_wrk(
+        wrk, script, url, connections=connections or CONNECTIONS[kind], seconds=seconds, env=env
+    )
 
 
 def measure_once(
@@ -321,11 +203,10 @@ def measure_once(
     servers: Mapping[str, Server],
 ) -> dict[str, Any]:
     before = {name: s.cpu_seconds() for name, s in servers.items()}
-    wrk_before = children_cpu()
     summary = run_wrk(wrk, script, url, kind=kind, seconds=SECONDS, token=token)
     seconds = summary["duration_us"] / 1e6
     cpu = {name: round(s.cpu_seconds() - before[name], 2) for name, s in servers.items()}
-    cpu["wrk"] = round(children_cpu() - wrk_before, 2)
+    cpu["wrk"] = round(summary["cpu_seconds"], 2)
     return {
         "target": target,
         "kind": kind,
@@ -354,7 +235,7 @@ async def start_services(work: Path, token: str) -> tuple[dict[str, Server], str
         "VOD_AMQP_URL": "memory://",
         "VOD_BLOB_URL": f"file://{work}/blobs",
         "VOD_INTERNAL_TOKEN": token,
-        "VOD_JWT_PUBLIC_KEY": _public_key(),
+        "VOD_JWT_PUBLIC_KEY": unsigned_public_key(),
         "VOD_HOST": "127.0.0.1",
         "VOD_STREAM_PORT": str(stream_port),
         "VOD_GATEWAY_PORT": str(gateway_port),
@@ -391,16 +272,6 @@ async def start_services(work: Path, token: str) -> tuple[dict[str, Server], str
     return servers, video_id
 
 
-def _public_key() -> str:
-    """A key nobody signs with: the gateway needs one to start; streams are public."""
-    return (
-        Ed25519PrivateKey.generate()
-        .public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-
-
 async def prepare(work: Path, token: str) -> tuple[dict[str, Server], dict[str, str]]:
     servers, video_id = await start_services(work, token)
     path = f"/api/v1/videos/{video_id}/stream"
@@ -431,6 +302,7 @@ def run() -> dict[str, Any]:
     token = secrets.token_urlsafe(24)
     servers: dict[str, Server] = {}
     runs: list[dict[str, Any]] = []
+    started_on = machine()
     try:
         script = work / "bench.lua"
         script.write_text(WRK_SCRIPT)
@@ -451,14 +323,16 @@ def run() -> dict[str, Any]:
                             servers=servers,
                         )
                     )
+        sweep = measure_sweep(wrk, script, urls, token)
     finally:
         for server in servers.values():
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
     return {
         "benchmark": NAME,
+        "sweep": sweep,
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": started_on,
         "file_bytes": FILE_BYTES,
         "range_bytes": RANGE_BYTES,
         "seconds_per_run": SECONDS,
@@ -470,22 +344,46 @@ def run() -> dict[str, Any]:
     }
 
 
+def measure_sweep(wrk: str, script: Path, urls: dict[str, str], token: str) -> list[dict[str, Any]]:
+    """Latency against load: 1 MiB random ranges at each of ``SWEEP`` connection counts,
+    ``SWEEP_SECONDS`` each, targets interleaved (the plot's data)."""
+    points = []
+    for connections in SWEEP:
+        for target in TARGETS:
+            summary = run_wrk(
+                wrk,
+                script,
+                urls[target],
+                kind="ranges",
+                seconds=SWEEP_SECONDS,
+                token=token if target == "direct" else "",
+                connections=connections,
+            )
+            seconds = summary["duration_us"] / 1e6
+            points.append(
+                {
+                    "target": target,
+                    "connections": connections,
+                    "mb_per_s": round(summary["bytes"] / seconds / 1e6, 1),
+                    "req_per_s": round(summary["requests"] / seconds, 1),
+                    "p50_ms": summary["p50_ms"],
+                    "p99_ms": summary["p99_ms"],
+                    "errors": summary["errors"],
+                }
+            )
+    return points
+
+
 def _summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for kind in ("full", "ranges"):
-        medians = {}
-        for target in TARGETS:
-            mine = [r for r in runs if r["kind"] == kind and r["target"] == target]
-            medians[target] = {
-                "mb_per_s": statistics.median(r["mb_per_s"] for r in mine),
-                "req_per_s": statistics.median(r["req_per_s"] for r in mine),
-                "p99_ms": statistics.median(r["p99_ms"] for r in mine),
-                "errors": sum(r["errors"] for r in mine),
-                "cpu_cores": {
-                    name: statistics.median(r["cpu_cores"][name] for r in mine)
-                    for name in mine[0]["cpu_cores"]
-                },
-            }
+        medians = {
+            target: median_of(
+                [r for r in runs if r["kind"] == kind and r["target"] == target],
+                ("mb_per_s", "req_per_s", "p99_ms"),
+            )
+            for target in TARGETS
+        }
         reference = medians["nginx"]["mb_per_s"]
         for values in medians.values():
             values["x_nginx"] = round(values["mb_per_s"] / reference, 2)
@@ -512,4 +410,14 @@ def summarize(result: dict[str, Any]) -> list[str]:
                 f"| {v['p99_ms']} | {v['errors']} | {cpu['stream_service']} / {cpu['gateway']} "
                 f"/ {cpu['nginx']} / {cpu['wrk']} |"
             )
+    lines.append("")
+    for kind, target, floor in TARGET_RATIOS:
+        ratio = result["summary"][kind][target]["x_nginx"]
+        verdict = "holds" if ratio >= floor else "FAILS"
+        lines.append(f"- target {target} {kind} >= {floor}x nginx: {ratio}x, {verdict}")
+    if result.get("sweep"):
+        lines.append(
+            f"- latency against load (1 MiB ranges, {SWEEP_SECONDS:g} s per point, "
+            f"connections {', '.join(str(c) for c in SWEEP)}): streaming.png"
+        )
     return lines

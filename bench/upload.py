@@ -25,11 +25,8 @@ import hashlib
 import io
 import os
 import platform
-import re
 import secrets
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +45,8 @@ import psutil
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bench._harness import Server as Service
+from bench._harness import free_port, start, wait_ready
 from shared.auth import TokenSigner
 from shared.content_hash import ContentHasher
 from shared.db import new_id
@@ -62,8 +61,6 @@ FILE_BYTES: Final = int(os.environ.get("VOD_BENCH_UPLOAD_MIB", "1024")) * MIB
 WARM_UP_BYTES: Final = 64 * MIB
 PARALLEL: Final = 4
 SAMPLE_SECONDS: Final = 0.02
-HEALTH_TRIES: Final = 300
-ROOT: Final = Path(__file__).resolve().parents[1]
 # The same number of bytes as the upload, to the same disk.
 DD_COMMAND: Final = "dd if=/dev/zero of={target} bs=8M count={count} conv=fdatasync"
 
@@ -105,67 +102,12 @@ class GeneratedFile:
 # -- processes -----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Service:
-    name: str
-    popen: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-
-    @property
-    def process(self) -> psutil.Process:
-        return psutil.Process(self.popen.pid)
-
-    def vm_hwm(self) -> int:
-        """The kernel's peak resident set of the process, in bytes."""
-        status = Path(f"/proc/{self.popen.pid}/status").read_text()
-        match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
-        if match is None:
-            raise RuntimeError(f"no VmHWM for {self.name}")
-        return int(match[1]) * 1024
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-
 def start_service(module: str, env: Mapping[str, str], port: int, work: Path) -> Service:
-    log_path = work / f"{module}.log"
-    with log_path.open("wb") as log:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", module],
-            cwd=ROOT,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    return Service(module, popen, f"http://127.0.0.1:{port}", log_path)
+    return start(module, [sys.executable, "-m", module], env, f"http://127.0.0.1:{port}", work)
 
 
 async def wait_healthy(service: Service, session: aiohttp.ClientSession) -> None:
-    for _ in range(HEALTH_TRIES):
-        if service.popen.poll() is not None:
-            raise RuntimeError(f"{service.name} exited:\n{service.log_path.read_text()}")
-        try:
-            async with session.get(service.url + "/healthz") as response:
-                if response.status == 200:  # noqa: PLR2004
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.1)  # polling a process we do not control
-    raise RuntimeError(f"{service.name} never became healthy:\n{service.log_path.read_text()}")
+    await wait_ready(service, "/healthz", session)
 
 
 class RssSampler:

@@ -18,8 +18,9 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -27,6 +28,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from tests.s3_server import S3Server
 
 MYSQL_URL = os.environ.get("VOD_TEST_MYSQL", "mysql+aiomysql://root@127.0.0.1:3306/test")
 REDIS_URL = os.environ.get("VOD_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -101,10 +105,17 @@ def amqp_server_url() -> str:
 @pytest.fixture(scope="session")
 def mysql_database_url(mysql_server_url: str) -> Iterator[str]:
     """A MariaDB database of this run's own, dropped at the end of the session."""
+    with mysql_database(mysql_server_url, f"vod_test_{RUN_ID}") as url:
+        yield url
+
+
+@contextmanager
+def mysql_database(server_url: str, name: str) -> Iterator[str]:
+    """A new, empty database ``name`` on the server of ``server_url`` (its URL), dropped
+    at the end. For tests that need a database beside the run's own."""
     import pymysql
 
-    parts = urlsplit(mysql_server_url)
-    name = f"vod_test_{RUN_ID}"
+    parts = urlsplit(server_url)
     connection_args: dict[str, Any] = {
         "host": parts.hostname or "127.0.0.1",
         "port": parts.port or 3306,
@@ -149,6 +160,18 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
         return Settings.from_env(env)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """The run's S3 server (moto in a child process, or ``VOD_TEST_S3``) and its bucket.
+
+    Imported here, not at the top: only the tests that use S3 pay for aiobotocore.
+    """
+    from tests.s3_server import serve_s3
+
+    with serve_s3(RUN_ID, tmp_path_factory.mktemp("s3")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -1,10 +1,13 @@
 """vod's client for people and programs: the upload CLI (``python -m vod_client``) and the
-async client class it is built on, which the tests and the benchmarks use too."""
+async client class it is built on, which the tests and the benchmarks use too, and a
+blocking client of the same API (``SyncVodClient``) for code that is not asyncio, such as
+the locust load test."""
 
 from vod_client.client import ApiError, OfflineError, UploadResult, VodClient
 from vod_client.progress import ProgressBar
 from vod_client.resume import ResumeStore
 from vod_client.source import BytesSource, Digests, FileSource, Source, compute_digests
+from vod_client.sync import SyncVodClient
 
 __all__ = [
     "ApiError",
@@ -15,6 +18,7 @@ __all__ = [
     "ProgressBar",
     "ResumeStore",
     "Source",
+    "SyncVodClient",
     "UploadResult",
     "VodClient",
     "compute_digests",
