@@ -39,7 +39,7 @@ def _sha256_hex(value: Any) -> str | None:
     return None
 
 
-def _filename_problem(value: str) -> str | None:
+def filename_problem(value: str) -> str | None:
     if not value.strip():
         return "must not be empty"
     if len(value) > FILENAME_MAX:
@@ -61,7 +61,7 @@ def parse_new_upload(body: Any) -> NewUpload:
     raw_filename = body.get("filename")
     if not isinstance(raw_filename, str):
         errors.append({"field": "filename", "problem": "is required, as a string"})
-    elif (problem := _filename_problem(raw_filename)) is not None:
+    elif (problem := filename_problem(raw_filename)) is not None:
         errors.append({"field": "filename", "problem": problem})
     else:
         filename = raw_filename

@@ -95,7 +95,7 @@ class UploadState:
 
 
 # KEYS: state. ARGV: ttl_ms, then field, value pairs.
-_CREATE_LUA = """
+CREATE_LUA = """
 for i = 2, #ARGV, 2 do
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
@@ -180,7 +180,7 @@ def _milliseconds(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def _encode(upload: UploadState) -> dict[str, str]:
+def encode_state(upload: UploadState) -> dict[str, str]:
     fields = {
         "owner_id": upload.owner_id,
         "filename": upload.filename,
@@ -202,7 +202,7 @@ def _encode(upload: UploadState) -> dict[str, str]:
     return fields
 
 
-def _decode(upload_id: str, fields: dict[str, str]) -> UploadState:
+def decode_state(upload_id: str, fields: dict[str, str]) -> UploadState:
     challenge = None
     if fields.get("instant") == "1":
         challenge = Challenge(int(fields["challenge_offset"]), int(fields["challenge_length"]))
@@ -256,7 +256,7 @@ class UploadStateStore:
 
     def __init__(self, kv: KeyValueStore) -> None:
         self._kv = kv
-        self._create = kv.script(_CREATE_LUA)
+        self._create = kv.script(CREATE_LUA)
         self._record_chunk = kv.script(_RECORD_CHUNK_LUA)
         self._begin_completion = kv.script(_BEGIN_COMPLETION_LUA)
         self._renew = kv.script(_RENEW_LUA)
@@ -265,12 +265,12 @@ class UploadStateStore:
         self._delete = kv.script(_DELETE_LUA)
 
     async def create(self, upload: UploadState, *, ttl: float) -> None:
-        pairs = [item for field in _encode(upload).items() for item in field]
+        pairs = [item for field in encode_state(upload).items() for item in field]
         await self._create(keys=[upload_state_key(upload.id)], args=[_milliseconds(ttl), *pairs])
 
     async def load(self, upload_id: str) -> UploadState | None:
         fields = await self._kv.hgetall(upload_state_key(upload_id))
-        return _decode(upload_id, fields) if fields else None
+        return decode_state(upload_id, fields) if fields else None
 
     async def received(self, upload_id: str) -> set[int]:
         return {int(index) for index in await self._kv.smembers(upload_received_key(upload_id))}

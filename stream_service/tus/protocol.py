@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from shared.errors import AppError, BadRequestError, UnsupportedMediaTypeError, ValidationError
-from stream_service.schemas import _filename_problem
+from stream_service.schemas import filename_problem
 
 TUS_VERSION: Final = "1.0.0"
 # What OPTIONS announces. Not offered: creation-defer-length (the size is needed up front
@@ -178,7 +178,7 @@ def parse_metadata(value: str | None) -> Metadata:
         except (binascii.Error, UnicodeDecodeError):
             raise _bad_metadata(f"the value of {key!r} is not base64 of UTF-8 text") from None
     filename = next((pairs[k] for k in FILENAME_KEYS if pairs.get(k)), None) or DEFAULT_FILENAME
-    if (problem := _filename_problem(filename)) is not None:
+    if (problem := filename_problem(filename)) is not None:
         raise ValidationError(
             "Upload-Metadata is not valid.",
             errors=[{"field": "Upload-Metadata filename", "problem": problem}],

@@ -30,10 +30,10 @@ from shared.layout import (
 )
 
 # The native hash's encoding and its creation script: both protocols share one layout.
-from stream_service.repositories.upload_state import _CREATE_LUA as CREATE_UPLOAD_LUA
+from stream_service.repositories.upload_state import CREATE_LUA as CREATE_UPLOAD_LUA
 from stream_service.repositories.upload_state import UploadState
-from stream_service.repositories.upload_state import _decode as decode_upload_state
-from stream_service.repositories.upload_state import _encode as encode_upload_state
+from stream_service.repositories.upload_state import decode_state as decode_upload_state
+from stream_service.repositories.upload_state import encode_state as encode_upload_state
 
 TUS_PROTOCOL: Final = "tus"
 

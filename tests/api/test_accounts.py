@@ -13,6 +13,7 @@ from api_service.app import create_app
 from shared.auth import TokenVerifier
 from shared.settings import Settings
 from tests.conftest import JWT_PUBLIC_KEY
+from tests.problems import problem
 
 Client = TestClient[web.Request, web.Application]
 
@@ -56,14 +57,6 @@ async def api(
 ) -> Api:
     settings = make_settings(VOD_LOGIN_MAX_FAILURES="3")
     return Api(await aiohttp_client(create_app(settings)), internal_headers)
-
-
-async def problem(response: Any, status: int, code: str) -> dict[str, Any]:
-    assert response.status == status, await response.text()
-    assert response.headers["Content-Type"].startswith("application/problem+json")
-    body: dict[str, Any] = await response.json(content_type=None)
-    assert body["code"] == code
-    return body
 
 
 async def test_sign_up_returns_the_user_and_hides_the_password(api: Api) -> None:

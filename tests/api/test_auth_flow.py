@@ -15,15 +15,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.auth import AUDIENCE, ISSUER
 from tests.conftest import JWT_PRIVATE_KEY, JWT_PUBLIC_KEY
+from tests.problems import problem
 from tests.stack import Stack
-
-
-async def problem(response: Any, status: int, code: str) -> dict[str, Any]:
-    assert response.status == status, await response.text()
-    assert response.headers["Content-Type"].startswith("application/problem+json")
-    body: dict[str, Any] = await response.json(content_type=None)
-    assert body["code"] == code
-    return body
 
 
 async def me(stack: Stack, headers: dict[str, str]) -> Any:

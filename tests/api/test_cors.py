@@ -15,6 +15,7 @@ from shared.errors import ConfigError
 from shared.settings import Settings
 from tests.api.conftest import GatewayFactory, Upstreams
 from tests.clients import Publisher
+from tests.problems import problem
 from tests.stack import start_stack
 
 FRONT_END = "https://player.example.com"
@@ -36,12 +37,6 @@ def preflight_headers(origin: str, method: str = "GET", headers: str = "range") 
         "Access-Control-Request-Method": method,
         "Access-Control-Request-Headers": headers,
     }
-
-
-async def assert_problem(response: aiohttp.ClientResponse, status: int, code: str) -> None:
-    assert response.status == status
-    assert response.content_type == "application/problem+json"
-    assert (await response.json(content_type=None))["code"] == code
 
 
 @pytest.mark.parametrize(
@@ -103,7 +98,7 @@ async def test_a_preflight_from_another_origin_is_refused(
 ) -> None:
     client = await gateway(VOD_CORS_ORIGINS=ORIGINS)
     response = await client.options("/api/v1/videos/v1/stream", headers=preflight_headers(OTHER))
-    await assert_problem(response, 403, "cors_origin_not_allowed")
+    await problem(response, 403, "cors_origin_not_allowed")
     assert not [h for h in response.headers if h.lower().startswith("access-control-")]
     assert "origin" in vary(response)
     assert not upstreams.stream.seen
@@ -114,7 +109,7 @@ async def test_without_origins_cors_is_off(gateway: GatewayFactory, upstreams: U
     response = await client.options(
         "/api/v1/videos/v1/stream", headers=preflight_headers(FRONT_END)
     )
-    await assert_problem(response, 403, "cors_origin_not_allowed")
+    await problem(response, 403, "cors_origin_not_allowed")
     response = await client.get("/api/v1/videos", headers={"Origin": FRONT_END})
     assert response.status == 200
     assert not [h for h in response.headers if h.lower().startswith("access-control-")]
@@ -183,7 +178,7 @@ async def test_problem_documents_carry_cors_headers(
 ) -> None:
     client = await gateway(VOD_CORS_ORIGINS=ORIGINS)
     response = await client.get(path, headers={"Origin": FRONT_END, **headers})
-    await assert_problem(response, status, code)
+    await problem(response, status, code)
     assert response.headers["Access-Control-Allow-Origin"] == FRONT_END
     assert "x-request-id" in tokens(response.headers["Access-Control-Expose-Headers"])
 

@@ -17,17 +17,11 @@ from shared.db.schema import danmaku
 from shared.resources import DB, KV
 from shared.settings import Settings
 from tests.clients import Publisher
+from tests.problems import problem
 from tests.stack import Stack, start_stack
 
 POLL = 0.02
 PERSIST_TIMEOUT = 10.0
-
-
-async def problem(response: Any, status: int, code: str) -> dict[str, Any]:
-    assert response.status == status, await response.text()
-    body: dict[str, Any] = await response.json(content_type=None)
-    assert body["code"] == code, body
-    return body
 
 
 @pytest.fixture(params=["embedded", pytest.param("real", marks=pytest.mark.integration)])

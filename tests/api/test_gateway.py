@@ -22,6 +22,7 @@ from shared.auth import TokenSigner
 from shared.web import json_response
 from tests.api.conftest import FakeUpstream, GatewayFactory, Upstreams
 from tests.conftest import JWT_PRIVATE_KEY
+from tests.problems import problem
 
 
 @pytest.fixture
@@ -33,15 +34,6 @@ def refusing_url() -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         sock.close()
-
-
-async def assert_problem(response: aiohttp.ClientResponse, status: int, code: str) -> Any:
-    assert response.status == status
-    assert response.content_type == "application/problem+json"
-    body = await response.json(content_type="application/problem+json")
-    assert body["status"] == status
-    assert body["code"] == code
-    return body
 
 
 # --- routing ---------------------------------------------------------------------------
@@ -108,7 +100,7 @@ async def test_unknown_path_is_a_problem_from_the_gateway(
     gateway: GatewayFactory, upstreams: Upstreams, path: str
 ) -> None:
     client = await gateway()
-    body = await assert_problem(await client.get(path), 404, "route_not_found")
+    body = await problem(await client.get(path), 404, "route_not_found")
     assert body["request_id"]
     assert upstreams.api.seen == upstreams.stream.seen == upstreams.scheduler.seen == []
 
@@ -362,9 +354,7 @@ async def test_upstream_refusing_connections_is_a_502(
     gateway: GatewayFactory, refusing_url: str
 ) -> None:
     client = await gateway(VOD_STREAM_URL=refusing_url)
-    body = await assert_problem(
-        await client.get("/api/v1/videos/v1/stream"), 502, "upstream_unavailable"
-    )
+    body = await problem(await client.get("/api/v1/videos/v1/stream"), 502, "upstream_unavailable")
     assert refusing_url not in body["detail"]  # where the upstreams live is not public
 
 
@@ -397,7 +387,7 @@ async def test_upstream_that_never_answers_is_a_504(
 
     upstreams.api.app.router.add_get("/api/v1/videos", hold)
     client = await gateway(VOD_UPSTREAM_READ_TIMEOUT="0.2")
-    await assert_problem(await client.get("/api/v1/videos"), 504, "upstream_timeout")
+    await problem(await client.get("/api/v1/videos"), 504, "upstream_timeout")
     assert reached.is_set()
 
 
@@ -625,7 +615,7 @@ async def test_upgrade_without_a_valid_handshake_is_a_400(
     response = await client.get(
         "/api/v1/videos/v1/live", headers={"Upgrade": "websocket", "Connection": "Upgrade"}
     )
-    await assert_problem(response, 400, "websocket_handshake_invalid")
+    await problem(response, 400, "websocket_handshake_invalid")
     assert live.handshake_headers == []
 
 
@@ -643,7 +633,7 @@ async def test_refused_upgrade_is_a_problem_with_the_upstream_status(
         "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
     }
     response = await client.get("/api/v1/videos/missing/live", headers=handshake)
-    await assert_problem(response, 404, "websocket_refused")
+    await problem(response, 404, "websocket_refused")
     assert live.handshake_headers == []
 
 

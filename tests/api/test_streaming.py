@@ -14,18 +14,11 @@ import pytest
 
 from stream_service.keys import LIMITER
 from tests.clients import MIB, Publisher
+from tests.problems import problem
 from tests.stack import Stack, start_stack
 
 # An MP4 file header (ftyp box) then noise: enough for the type sniffer.
 MP4_HEAD = b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00isomiso2avc1mp41"
-
-
-async def problem(response: Any, status: int, code: str) -> dict[str, Any]:
-    assert response.status == status, await response.text()
-    assert response.headers["Content-Type"].startswith("application/problem+json")
-    body: dict[str, Any] = await response.json(content_type=None)
-    assert body["code"] == code, body
-    return body
 
 
 async def publish(stack: Stack, data: bytes) -> tuple[Publisher, dict[str, Any]]:

@@ -44,8 +44,9 @@ from stream_service.tus.state import (
     segment_blob_key,
     tus_segments_key,
 )
-from tests.api.test_uploads import blob_path, completed_events, problem, stored_files
+from tests.api.test_uploads import blob_path, completed_events, stored_files
 from tests.clients import MIB
+from tests.problems import problem
 from tests.stack import Stack, start_stack
 
 FILE_SIZE = 5 * MIB + 12_345

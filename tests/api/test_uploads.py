@@ -29,20 +29,13 @@ from shared.kv import KeyValueStore
 from shared.layout import content_blob_key, upload_received_key, upload_state_key
 from shared.resources import BLOBS, KV
 from tests.clients import CHUNK, MIB, Uploader, new_upload, pieces, sha256
+from tests.problems import problem
 from tests.stack import Stack
 
 # Three chunks: two full, one short.
 THREE_CHUNKS = 2 * CHUNK + 1000
 TWO_CHUNKS = CHUNK + 1000
 ZERO_HASH = "0" * 64
-
-
-async def problem(response: Any, status: int, code: str) -> dict[str, Any]:
-    assert response.status == status, await response.text()
-    assert response.headers["Content-Type"].startswith("application/problem+json")
-    body: dict[str, Any] = await response.json(content_type=None)
-    assert body["code"] == code, body
-    return body
 
 
 @pytest.fixture

@@ -20,18 +20,11 @@ from shared.kv import open_kv
 from shared.settings import Settings
 from tests.clients import Publisher, Uploader, new_upload
 from tests.conftest import RUN_ID
+from tests.problems import problem
 from tests.stack import Stack, start_stack
 
 QUOTA = 25_000
 FILE = 10_000
-
-
-async def problem(response: Any, status: int, code: str) -> dict[str, Any]:
-    assert response.status == status, await response.text()
-    assert response.headers["Content-Type"].startswith("application/problem+json")
-    body: dict[str, Any] = await response.json(content_type=None)
-    assert body["code"] == code, body
-    return body
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,8 @@ from shared.events import VIDEO_DELETED
 from shared.layout import video_cache_key
 from shared.resources import DB, KV
 from tests.clients import Publisher
+from tests.problems import problem
 from tests.stack import Stack
-
-
-async def problem(response: Any, status: int, code: str) -> dict[str, Any]:
-    assert response.status == status, await response.text()
-    assert response.headers["Content-Type"].startswith("application/problem+json")
-    body: dict[str, Any] = await response.json(content_type=None)
-    assert body["code"] == code, body
-    return body
 
 
 @pytest.fixture(params=["embedded", pytest.param("real", marks=pytest.mark.integration)])

@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient
 from shared.errors import NotFoundError, RateLimitedError
 from shared.settings import Settings
 from shared.web import READINESS_CHECKS, create_base_app, json_response, read_json
+from tests.problems import problem
 
 ClientFactory = Callable[[web.Application], Any]
 
@@ -57,36 +58,24 @@ async def client(
     return client
 
 
-async def assert_problem(response: Any, status: int, code: str) -> dict[str, Any]:
-    assert response.status == status
-    assert response.headers["Content-Type"].startswith("application/problem+json")
-    body: dict[str, Any] = await response.json(content_type=None)
-    assert body["status"] == status
-    assert body["code"] == code
-    assert body["type"] == f"urn:vod:problem:{code}"
-    assert body["title"]
-    assert body["detail"]
-    return body
-
-
 async def test_app_error_becomes_problem_document(client: TestClient[Any, Any]) -> None:
-    body = await assert_problem(await client.get("/missing"), 404, "video_not_found")
+    body = await problem(await client.get("/missing"), 404, "video_not_found")
     assert body["detail"] == "No video 42."
 
 
 async def test_rate_limit_carries_retry_after(client: TestClient[Any, Any]) -> None:
     response = await client.get("/limited")
-    await assert_problem(response, 429, "rate_limited")
+    await problem(response, 429, "rate_limited")
     assert response.headers["Retry-After"] == "7"
 
 
 async def test_unknown_route_is_problem_document(client: TestClient[Any, Any]) -> None:
-    await assert_problem(await client.get("/nowhere"), 404, "route_not_found")
+    await problem(await client.get("/nowhere"), 404, "route_not_found")
 
 
 async def test_wrong_method_is_problem_document_with_allow(client: TestClient[Any, Any]) -> None:
     response = await client.delete("/missing")
-    await assert_problem(response, 405, "method_not_allowed")
+    await problem(response, 405, "method_not_allowed")
     assert "GET" in response.headers["Allow"]
 
 
@@ -95,7 +84,7 @@ async def test_unexpected_error_hides_internals_and_is_logged_once(
 ) -> None:
     with caplog.at_level(logging.ERROR):
         response = await client.get("/explode", headers={"X-Request-ID": "req-explode-1"})
-    body = await assert_problem(response, 500, "internal_error")
+    body = await problem(response, 500, "internal_error")
     text = str(body)
     assert "hunter2" not in text
     assert "Traceback" not in text
@@ -129,7 +118,7 @@ async def test_bad_json_bodies_are_4xx_never_500(
     client: TestClient[Any, Any], body: bytes, content_type: str, status: int, code: str
 ) -> None:
     response = await client.post("/echo", data=body, headers={"Content-Type": content_type})
-    await assert_problem(response, status, code)
+    await problem(response, status, code)
 
 
 async def test_good_json_round_trips(client: TestClient[Any, Any]) -> None:
@@ -157,11 +146,9 @@ async def test_internal_token_guards_everything_but_probes(
     internal_headers: dict[str, str],
 ) -> None:
     client = await aiohttp_client(build_app(make_settings()))
-    await assert_problem(await client.get("/items/1"), 403, "internal_token_required")
+    await problem(await client.get("/items/1"), 403, "internal_token_required")
     wrong = {"X-Internal-Token": "x" * 40}
-    await assert_problem(
-        await client.get("/items/1", headers=wrong), 403, "internal_token_required"
-    )
+    await problem(await client.get("/items/1", headers=wrong), 403, "internal_token_required")
     assert (await client.get("/items/1", headers=internal_headers)).status == 200
     for probe in ("/healthz", "/readyz", "/metrics"):
         assert (await client.get(probe)).status == 200
