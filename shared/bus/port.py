@@ -305,8 +305,12 @@ def attempts_of(headers: Mapping[str, object]) -> int:
         return 0
     if isinstance(value, int):
         return max(value, 0)
-    if isinstance(value, str | bytes) and value.strip().isdigit():
-        return int(value)
+    if isinstance(value, str | bytes):
+        digits = value.strip()
+        # isascii: str.isdigit() also accepts digits such as "²" that int() refuses; the
+        # length keeps int() away from its limit on huge strings.
+        if digits.isascii() and digits.isdigit() and len(digits) <= 9:  # noqa: PLR2004
+            return int(digits)
     return 0
 
 
