@@ -19,15 +19,13 @@ import re
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from bench._harness import insert_video
 from shared.content_hash import ContentHasher
-from shared.db import new_id, open_database
-from shared.db.schema import blobs, users, videos
 from shared.layout import content_blob_key
 from tests.conftest import INTERNAL_TOKEN, JWT_PUBLIC_KEY
 from tests.e2e.processes import ServiceProcess, free_port, start, wait_healthy
@@ -112,42 +110,9 @@ async def _publish(db_url: str, blob_root: Path) -> Film:
     target = blob_root / content_blob_key(content_hash)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging.rename(target)
-    now = datetime.now(UTC)
-    owner_id, video_id = new_id(), new_id()
-    database = await open_database(db_url)
-    try:
-        await database.migrate()
-        async with database.transaction() as conn:
-            await conn.execute(
-                users.insert().values(
-                    id=owner_id,
-                    username="backpressure",
-                    username_key="backpressure",
-                    password_hash="-",
-                    created_at=now,
-                )
-            )
-            await conn.execute(
-                blobs.insert().values(
-                    content_hash=content_hash, size=FILM_BYTES, ref_count=1, created_at=now
-                )
-            )
-            await conn.execute(
-                videos.insert().values(
-                    id=video_id,
-                    owner_id=owner_id,
-                    upload_id=new_id(),
-                    title="A long film",
-                    description="",
-                    content_hash=content_hash,
-                    size=FILM_BYTES,
-                    filename="film.bin",
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
-    finally:
-        await database.close()
+    _, video_id = await insert_video(
+        db_url, content_hash=content_hash, size=FILM_BYTES, filename="film.bin"
+    )
     return Film(video_id, FILM_BYTES, sha256)
 
 
