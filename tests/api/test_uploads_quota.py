@@ -11,7 +11,6 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -19,7 +18,7 @@ from shared.errors import ConfigError
 from shared.kv import open_kv
 from shared.settings import Settings
 from tests.clients import Publisher, Uploader, new_upload
-from tests.conftest import RUN_ID
+from tests.conftest import RUN_ID, mysql_database
 from tests.problems import problem
 from tests.stack import Stack, start_stack
 
@@ -31,24 +30,8 @@ FILE = 10_000
 def quota_database_url(mysql_server_url: str) -> Iterator[str]:
     """A MariaDB database of this module's own: its tests delete videos, which other
     modules' tests of the run's shared database do not expect to see."""
-    import pymysql
-
-    parts = urlsplit(mysql_server_url)
-    name = f"vod_test_{RUN_ID}_quota"
-    conn = pymysql.connect(
-        host=parts.hostname or "127.0.0.1",
-        port=parts.port or 3306,
-        user=parts.username or "root",
-        password=parts.password or "",
-    )
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-        yield parts._replace(path=f"/{name}").geturl()
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        conn.close()
+    with mysql_database(mysql_server_url, f"vod_test_{RUN_ID}_quota") as url:
+        yield url
 
 
 @pytest.fixture(params=["embedded", pytest.param("real", marks=pytest.mark.integration)])
