@@ -6,12 +6,17 @@ Shutdown on SIGTERM or SIGINT, in order (docs/ARCHITECTURE.md, "Graceful shutdow
    other request is still served for ``VOD_SHUTDOWN_DRAIN_SECONDS``, so a balancer (or
    the gateway's replica check) stops sending new work before the door closes. A second
    signal ends the drain early.
+   Every response from then on closes its connection (``Connection: close``), so
+   keep-alive clients reconnect.
 2. **Close the door**: the listening socket closes (new connections are refused, which
-   the gateway answers by trying the next replica) and idle keep-alive connections are
-   closed.
-3. **Finish in-flight requests**: up to ``VOD_SHUTDOWN_TIMEOUT`` seconds; a request
-   still running then is cancelled and its connection closed (a download can resume
-   elsewhere with ``Range``).
+   the gateway answers by trying the next replica), idle keep-alive connections are
+   closed, and each app's ``on_shutdown`` closes its WebSockets with 1001, so their
+   clients reconnect elsewhere.
+3. **Finish in-flight requests**: up to ``VOD_SHUTDOWN_TIMEOUT`` seconds, while their
+   connections are still read: an upload whose body is still arriving completes. Only
+   then does aiohttp's own shutdown run (it stops reading request bodies at once, which
+   is why it comes last): a request still running after ``FINAL_GRACE_SECONDS`` more is
+   cancelled and its connection closed (a download can resume elsewhere with ``Range``).
 4. **Release resources**: cleanup contexts close consumers, pools and connections in
    reverse order.
 """
@@ -31,12 +36,16 @@ from aiohttp import web
 from shared.errors import ConfigError
 from shared.logging import configure_logging
 from shared.settings import Settings
-from shared.web import LIFECYCLE, server_options
+from shared.web import LIFECYCLE, Lifecycle, server_options
 
 logger = logging.getLogger(__name__)
 
 EXIT_CONFIG_ERROR = 2
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# What aiohttp's own shutdown gives handlers once VOD_SHUTDOWN_TIMEOUT is over: enough for
+# WebSockets closed by on_shutdown to end and a returned response to be written out; a
+# request that overran the timeout is cancelled after it (aiohttp may wait twice this).
+FINAL_GRACE_SECONDS = 1.0
 
 
 def load_settings_or_exit(service: str) -> Settings:
@@ -70,19 +79,21 @@ async def serve(
     app: web.Application, settings: Settings, port: int, *, handler_cancellation: bool = False
 ) -> None:
     """Serve ``app`` on ``port`` until a stop signal, then shut down in the order above."""
-    runner = web.AppRunner(
+    runner = _Runner(
         app,
         access_log=None,  # observe_middleware logs every request as JSON
-        shutdown_timeout=settings.shutdown_timeout,
+        shutdown_timeout=FINAL_GRACE_SECONDS,
         handler_cancellation=handler_cancellation,
         **server_options(app),
     )
     await runner.setup()
+    lifecycle = app[LIFECYCLE]
     try:
-        await web.TCPSite(runner, settings.host, port).start()
+        site = web.TCPSite(runner, settings.host, port)
+        await site.start()
         signals = _StopSignals()
         await signals.first.wait()
-        app[LIFECYCLE].draining = True
+        lifecycle.draining = True
         logger.info(
             "stop signal: draining for %.1f s, then up to %.1f s for requests in flight",
             settings.shutdown_drain_seconds,
@@ -93,9 +104,48 @@ async def serve(
             # 503 and stop routing here. Another signal cuts it short.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(signals.second.wait(), settings.shutdown_drain_seconds)
+        await site.stop()
+        _close_idle_connections(runner, lifecycle)
+        await runner.shutdown()
+        # Not runner.cleanup() yet: it stops reading every connection at once
+        # (aio-libs/aiohttp#2298), and a request whose body is still arriving would hang
+        # until cancelled. Here their connections are still read.
+        try:
+            await asyncio.wait_for(lifecycle.wait_idle(), settings.shutdown_timeout)
+        except TimeoutError:
+            logger.warning(
+                "%d request(s) still in flight after %.1f s: cancelling them",
+                lifecycle.requests,
+                settings.shutdown_timeout,
+            )
     finally:
         await runner.cleanup()
     logger.info("stopped")
+
+
+def _close_idle_connections(runner: web.AppRunner, lifecycle: Lifecycle) -> None:
+    """Closes the keep-alive connections no request is on: nothing new may arrive on them.
+
+    Only those: ``close()`` also stops reading a connection, which would strand a request
+    whose body is still arriving.
+    """
+    if runner.server is None:
+        return
+    for connection in runner.server.connections:
+        if connection not in lifecycle.busy_connections:
+            connection.close()
+
+
+class _Runner(web.AppRunner):
+    """An ``AppRunner`` whose ``on_shutdown`` runs once: when ``serve`` closes the door,
+    not again in ``cleanup``."""
+
+    _shut_down = False
+
+    async def shutdown(self) -> None:
+        if not self._shut_down:
+            self._shut_down = True
+            await super().shutdown()
 
 
 class _StopSignals:

