@@ -16,21 +16,38 @@ prefixes, and two deployments (or test runs) sharing a server never meet. Values
 Errors: an unreachable or failing server raises ``KeyValueUnavailableError`` (a 503 if it
 reaches a client); a command the server refuses (wrong type, a Lua error) raises
 ``KeyValueError``. No redis-py exception leaves this module.
+
+Reconnecting: when the server restarts, every pooled connection is closed under us. The
+pool checks a connection for that close before handing it out and reconnects, so the
+first request after an outage does not fail on a dead connection (see ``open_kv``). A
+command that still meets one (the close arriving as it is sent) is sent once more on a
+fresh connection when repeating it is harmless: reads, ``PING`` and a plain ``SET``.
+Scripts, counters, ``SET NX`` and publishes are never repeated, since the first attempt may
+have run before the connection broke.
 """
 
 from __future__ import annotations
 
 import builtins
+import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
-import fakeredis
 import redis.asyncio
 import redis.exceptions
 from redis.commands.core import AsyncScript
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.typing import EncodableT
 
 from shared.errors import ConfigError, ServiceUnavailableError
@@ -46,6 +63,7 @@ __all__ = [
     "open_kv",
 ]
 
+T = TypeVar("T")
 Value = str | bytes | int | float
 Score = float | str  # a number, or Redis's "-inf", "+inf", "(5" (exclusive bound)
 
@@ -73,6 +91,8 @@ return value
 
 _memory_servers: dict[str, Any] = {}
 
+logger = logging.getLogger(__name__)
+
 
 class KeyValueError(Exception):
     """The store refused a command (wrong type, script error): a bug, not an outage."""
@@ -95,6 +115,7 @@ def _translated_errors() -> Iterator[None]:
     try:
         yield
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        logger.warning("key-value store unavailable: %s: %s", type(exc).__name__, exc)
         # The detail may reach a client: the cause (host, port) stays in the chain, for logs.
         raise KeyValueUnavailableError from exc
     except redis.exceptions.RedisError as exc:
@@ -105,6 +126,24 @@ def _milliseconds(seconds: float) -> int:
     if seconds <= 0:
         raise ValueError("an expiry must be positive")
     return max(1, round(seconds * 1000))
+
+
+async def _once_more_on_a_broken_connection(command: Callable[[], Awaitable[T]]) -> T:
+    """Runs an idempotent ``command``; a second time if its connection was found broken.
+
+    redis-py has already dropped the broken connection, so the second attempt connects
+    afresh. Only ``ConnectionError`` is repeated, never a timeout: a server that does not
+    answer must cost a caller one timeout, not two. While the server is down the second
+    attempt is refused at once, so an outage still answers quickly.
+    """
+    with _translated_errors():
+        try:
+            return await command()
+        except redis.exceptions.ConnectionError as exc:
+            if isinstance(exc, redis.exceptions.TimeoutError):
+                raise
+            logger.info("key-value store: repeating a command on a new connection: %s", exc)
+            return await command()
 
 
 class Script:
@@ -142,8 +181,10 @@ class KeyValueStore:
     # -- strings ---------------------------------------------------------------------
 
     async def get(self, key: str) -> str | None:
-        with _translated_errors():
-            return cast("str | None", await self._redis.get(self.key(key)))
+        return cast(
+            "str | None",
+            await _once_more_on_a_broken_connection(lambda: self._redis.get(self.key(key))),
+        )
 
     async def set(
         self, key: str, value: Value, *, ex: float | None = None, nx: bool = False
@@ -153,8 +194,15 @@ class KeyValueStore:
         Returns False when ``nx`` is set and the key already existed.
         """
         px = None if ex is None else _milliseconds(ex)
-        with _translated_errors():
+
+        async def command() -> bool:
             return bool(await self._redis.set(self.key(key), value, px=px, nx=nx))
+
+        if nx:
+            # Not repeated: a first attempt that created the key would make it answer False.
+            with _translated_errors():
+                return await command()
+        return await _once_more_on_a_broken_connection(command)
 
     async def delete(self, *keys: str) -> int:
         """Removes ``keys``; returns how many existed."""
@@ -164,8 +212,9 @@ class KeyValueStore:
             return await self._redis.delete(*(self.key(k) for k in keys))
 
     async def exists(self, key: str) -> bool:
-        with _translated_errors():
-            return bool(await self._redis.exists(self.key(key)))
+        return bool(
+            await _once_more_on_a_broken_connection(lambda: self._redis.exists(self.key(key)))
+        )
 
     async def expire(self, key: str, seconds: float) -> bool:
         """Sets the lifetime of ``key``; zero or less deletes it at once (as Redis does).
@@ -180,13 +229,11 @@ class KeyValueStore:
     async def ttl(self, key: str) -> int:
         """Whole seconds ``key`` has left, as Redis's TTL: ``TTL_MISSING`` (-2) if there is
         no such key, ``TTL_PERSISTENT`` (-1) if it never expires."""
-        with _translated_errors():
-            return await self._redis.ttl(self.key(key))
+        return await _once_more_on_a_broken_connection(lambda: self._redis.ttl(self.key(key)))
 
     async def pttl(self, key: str) -> int:
         """Like ``ttl`` in milliseconds (the same -2 and -1)."""
-        with _translated_errors():
-            return await self._redis.pttl(self.key(key))
+        return await _once_more_on_a_broken_connection(lambda: self._redis.pttl(self.key(key)))
 
     async def incr(self, key: str, amount: int = 1, *, ex: float | None = None) -> int:
         """Adds ``amount`` atomically; ``ex`` sets the lifetime only when the key is new."""
@@ -204,16 +251,20 @@ class KeyValueStore:
             return await self._redis.srem(self.key(key), *members)
 
     async def smembers(self, key: str) -> builtins.set[str]:
-        with _translated_errors():
-            return cast("builtins.set[str]", await self._redis.smembers(self.key(key)))
+        members = await _once_more_on_a_broken_connection(
+            lambda: self._redis.smembers(self.key(key))
+        )
+        return cast("builtins.set[str]", members)
 
     async def scard(self, key: str) -> int:
-        with _translated_errors():
-            return await self._redis.scard(self.key(key))
+        return await _once_more_on_a_broken_connection(lambda: self._redis.scard(self.key(key)))
 
     async def sismember(self, key: str, member: str) -> bool:
-        with _translated_errors():
-            return bool(await self._redis.sismember(self.key(key), member))
+        return bool(
+            await _once_more_on_a_broken_connection(
+                lambda: self._redis.sismember(self.key(key), member)
+            )
+        )
 
     # -- hashes ----------------------------------------------------------------------
 
@@ -224,12 +275,14 @@ class KeyValueStore:
             return await self._redis.hset(self.key(key), mapping=fields)
 
     async def hget(self, key: str, field: str) -> str | None:
-        with _translated_errors():
-            return cast("str | None", await self._redis.hget(self.key(key), field))
+        return cast(
+            "str | None",
+            await _once_more_on_a_broken_connection(lambda: self._redis.hget(self.key(key), field)),
+        )
 
     async def hgetall(self, key: str) -> dict[str, str]:
-        with _translated_errors():
-            return cast("dict[str, str]", await self._redis.hgetall(self.key(key)))
+        fields = await _once_more_on_a_broken_connection(lambda: self._redis.hgetall(self.key(key)))
+        return cast("dict[str, str]", fields)
 
     async def hdel(self, key: str, *fields: str) -> int:
         with _translated_errors():
@@ -251,8 +304,9 @@ class KeyValueStore:
         num: int | None = None
         if limit is not None or offset:
             start, num = offset, -1 if limit is None else limit
-        with _translated_errors():
-            members = await self._redis.zrangebyscore(self.key(key), min, max, start=start, num=num)
+        members = await _once_more_on_a_broken_connection(
+            lambda: self._redis.zrangebyscore(self.key(key), min, max, start=start, num=num)
+        )
         return cast("list[str]", members)
 
     async def zrem(self, key: str, *members: str) -> int:
@@ -260,8 +314,7 @@ class KeyValueStore:
             return await self._redis.zrem(self.key(key), *members)
 
     async def zcard(self, key: str) -> int:
-        with _translated_errors():
-            return await self._redis.zcard(self.key(key))
+        return await _once_more_on_a_broken_connection(lambda: self._redis.zcard(self.key(key)))
 
     # -- scripts ---------------------------------------------------------------------
 
@@ -307,8 +360,7 @@ class KeyValueStore:
 
     async def ping(self) -> None:
         """Returns when the server answers; raises ``KeyValueUnavailableError`` otherwise."""
-        with _translated_errors():
-            await self._redis.ping()
+        await _once_more_on_a_broken_connection(self._redis.ping)
 
     async def delete_namespace(self) -> int:
         """Removes every key of this namespace (SCAN + UNLINK); for tests and tools."""
@@ -351,11 +403,20 @@ async def open_kv(url: str, namespace: str) -> KeyValueStore:
             decode_responses=True,
             socket_connect_timeout=CONNECT_TIMEOUT,
             socket_timeout=SOCKET_TIMEOUT,
+            # Off, not redis-py's "auto": while maintenance notifications may be on, the
+            # pool skips its check that a connection it hands out was not closed by the
+            # server, and after a Redis restart every pooled connection would fail one
+            # command. They are a managed-Redis feature a plain server does not send.
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
         return KeyValueStore(client, namespace)
     if parts.scheme == "memory":
         if parts.path not in ("", "/") or parts.query:
             raise ConfigError("VOD_REDIS_URL", "a memory:// URL is just memory://NAME")
+        # Imported here: it costs a service process a third of a second at start-up, and
+        # only standalone mode and tests use it.
+        import fakeredis  # noqa: PLC0415
+
         name = parts.netloc or "default"
         server = _memory_servers.get(name)
         if server is None:

@@ -5,7 +5,8 @@ machine: a fault test must never touch them. Each class here starts its own serv
 child of the test, on a free port, with all its state in a temporary directory, and
 removes it afterwards.
 
-Use them as context managers (``with RedisServer(tmp) as redis: ...``); ``restart()``
+Use them as context managers (``with RedisServer(tmp) as redis: ...``), or start several
+at once with ``with running(redis, rabbitmq, mariadb): ...``; ``restart()``
 stops the server and starts it again on the same port with the same data, and ``stop()``
 / ``start()`` leave a gap in between for a test to observe the outage. Every start waits
 until the server answers (a real readiness check, never a fixed sleep) and every stop
@@ -22,7 +23,9 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -136,6 +139,24 @@ class PrivateServer:
             self.stop()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextmanager
+def running(*servers: PrivateServer) -> Iterator[None]:
+    """Start ``servers`` side by side and stop (and remove) every one of them on exit.
+
+    Each start mostly waits for its own server to boot, so they overlap well: a fixture
+    needing all three back ends waits for the slowest instead of the sum. A start that
+    fails still stops the servers that did start.
+    """
+    with ExitStack() as stack:
+        for server in servers:
+            stack.callback(server.__exit__, None, None, None)
+        with ThreadPoolExecutor(len(servers)) as pool:
+            starts = [pool.submit(server.start) for server in servers]
+        for start in starts:
+            start.result()
+        yield
 
 
 class RedisServer(PrivateServer):
@@ -348,8 +369,10 @@ class RabbitMQServer(PrivateServer):
         # Not -detached: as our child it dies with the test run's process tree if all
         # else fails, and its pid is ours to stop.
         self._spawn([str(RABBITMQ_BIN / "rabbitmq-server")], env=self._env)
-        # The AMQP listener opens late in the boot; await_startup then confirms the
-        # boot finished (it cannot be asked earlier: the node is not registered yet).
+        # The port first: ``await_startup`` asked before the new VM has registered its
+        # node name with epmd gives up at once ("node not running at all") instead of
+        # waiting. The AMQP listener opens late in the boot, long after that
+        # registration; await_startup then confirms the boot finished.
         self._wait_ready(lambda: _accepts_connections(self.port))
         self._ctl("await_startup", "--timeout", str(int(START_TIMEOUT)))
 
@@ -374,8 +397,10 @@ class RabbitMQServer(PrivateServer):
         )
 
     def start_app(self) -> None:
+        # start_app returns once the broker application has booted (unlike a node's
+        # boot, which needs await_startup): one CLI call, each of which starts an Erlang
+        # VM of its own and costs seconds on a busy machine.
         self._ctl("start_app")
-        self._ctl("await_startup", "--timeout", str(int(START_TIMEOUT)))
         self._wait_ready(lambda: _accepts_connections(self.port))
 
     def restart_app(self) -> None:

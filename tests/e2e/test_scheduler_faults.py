@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import shutil
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,7 +37,7 @@ from shared.db.schema import (
 from shared.events import DANMAKU_CREATED, VIDEO_DELETED
 from tests.e2e.processes import ServiceSuite, services_env
 from tests.integration.test_bus_contract import TcpProxy
-from tests.private_servers import RABBITMQ_BIN, RabbitMQServer, _accepts_connections
+from tests.private_servers import RabbitMQServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -264,39 +262,12 @@ async def test_a_scheduler_killed_mid_batch_loses_and_doubles_no_danmaku(
     assert recorded == len(events)
 
 
-class PatientRabbitMQServer(RabbitMQServer):
-    """``RabbitMQServer`` that waits for its Erlang VM before ``await_startup``.
-
-    ``rabbitmqctl await_startup`` gives up at once ("node not running at all") when it runs
-    before the new VM has registered with epmd, which on this machine it usually does.
-    """
-
-    def start(self) -> None:
-        self._spawn([str(RABBITMQ_BIN / "rabbitmq-server")], env=self._env)
-        short_name = self.node.partition("@")[0]
-        self._wait_ready(lambda: _registered_with_epmd(short_name))
-        self._ctl("await_startup", "--timeout", "60")
-        self._wait_ready(lambda: _accepts_connections(self.port))
-
-
-def _registered_with_epmd(short_name: str) -> bool:
-    names = subprocess.run(
-        ["epmd", "-names"], capture_output=True, text=True, timeout=10, check=False
-    ).stdout
-    return f"name {short_name} at port" in names
-
-
 @pytest.fixture
 def private_rabbitmq(tmp_path: Path) -> Iterator[RabbitMQServer]:
     """A RabbitMQ node of this test's own: the shared one on 5672 is never restarted."""
-    server = PatientRabbitMQServer(tmp_path)
-    try:
-        # Not ``with``: a start that fails half-way must still stop the node it spawned.
-        server.start()
+    # A start that fails half-way still stops the node it spawned (``__enter__``).
+    with RabbitMQServer(tmp_path) as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(server.dir, ignore_errors=True)
 
 
 async def add_deleted_videos(db: Database, count: int, files: int) -> dict[str, list[str]]:
