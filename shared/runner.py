@@ -29,7 +29,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -75,25 +76,56 @@ def run_service(
     asyncio.run(serve(app, settings, port(settings), handler_cancellation=handler_cancellation))
 
 
+@dataclass(frozen=True, slots=True)
+class Served:
+    """One app of a process and where it listens. ``handler_cancellation``: a client that
+    hangs up cancels its handler (the gateway, which faces clients, wants that)."""
+
+    name: str
+    app: web.Application
+    port: int
+    handler_cancellation: bool = False
+
+
 async def serve(
     app: web.Application, settings: Settings, port: int, *, handler_cancellation: bool = False
 ) -> None:
     """Serve ``app`` on ``port`` until a stop signal, then shut down in the order above."""
-    runner = _Runner(
-        app,
-        access_log=None,  # observe_middleware logs every request as JSON
-        shutdown_timeout=FINAL_GRACE_SECONDS,
-        handler_cancellation=handler_cancellation,
-        **server_options(app),
-    )
-    await runner.setup()
-    lifecycle = app[LIFECYCLE]
+    await serve_all([Served("app", app, port, handler_cancellation)], settings)
+
+
+async def serve_all(
+    served: Sequence[Served], settings: Settings, *, on_ready: Callable[[], None] | None = None
+) -> None:
+    """Serve every app of ``served`` (started in order; each step of the shutdown is taken
+    by all of them together, the last started first) until a stop signal.
+
+    ``on_ready`` runs once every app listens. Several apps in one process are what
+    ``python -m standalone`` runs: they share one shutdown, as one process does.
+    """
+    runners: list[tuple[_Runner, Lifecycle]] = []
+    sites: list[web.TCPSite] = []
     try:
-        site = web.TCPSite(runner, settings.host, port)
-        await site.start()
+        for item in served:
+            runner = _Runner(
+                item.app,
+                access_log=None,  # observe_middleware logs every request as JSON
+                shutdown_timeout=FINAL_GRACE_SECONDS,
+                handler_cancellation=item.handler_cancellation,
+                **server_options(item.app),
+            )
+            await runner.setup()
+            runners.insert(0, (runner, item.app[LIFECYCLE]))
+            site = web.TCPSite(runner, settings.host, item.port)
+            await site.start()
+            sites.insert(0, site)
+            logger.info("%s listening on %s:%d", item.name, settings.host, item.port)
+        if on_ready is not None:
+            on_ready()
         signals = _StopSignals()
         await signals.first.wait()
-        lifecycle.draining = True
+        for _, lifecycle in runners:
+            lifecycle.draining = True
         logger.info(
             "stop signal: draining for %.1f s, then up to %.1f s for requests in flight",
             settings.shutdown_drain_seconds,
@@ -104,22 +136,28 @@ async def serve(
             # 503 and stop routing here. Another signal cuts it short.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(signals.second.wait(), settings.shutdown_drain_seconds)
-        await site.stop()
-        _close_idle_connections(runner, lifecycle)
-        await runner.shutdown()
+        for site in sites:
+            await site.stop()
+        for runner, lifecycle in runners:
+            _close_idle_connections(runner, lifecycle)
+        for runner, _ in runners:
+            await runner.shutdown()
         # Not runner.cleanup() yet: it stops reading every connection at once
         # (aio-libs/aiohttp#2298), and a request whose body is still arriving would hang
         # until cancelled. Here their connections are still read.
         try:
-            await asyncio.wait_for(lifecycle.wait_idle(), settings.shutdown_timeout)
+            async with asyncio.timeout(settings.shutdown_timeout):
+                for _, lifecycle in runners:
+                    await lifecycle.wait_idle()
         except TimeoutError:
             logger.warning(
                 "%d request(s) still in flight after %.1f s: cancelling them",
-                lifecycle.requests,
+                sum(lifecycle.requests for _, lifecycle in runners),
                 settings.shutdown_timeout,
             )
     finally:
-        await runner.cleanup()
+        for runner, _ in runners:
+            await runner.cleanup()
     logger.info("stopped")
 
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import os
-import signal
 import sys
 from collections.abc import Callable
 
@@ -22,12 +20,9 @@ from scheduler_service.app import create_app as create_scheduler_app
 from shared.auth import TokenSigner, ensure_dev_keypair
 from shared.errors import ConfigError
 from shared.logging import configure_logging
-from shared.runner import EXIT_CONFIG_ERROR
+from shared.runner import EXIT_CONFIG_ERROR, Served, serve_all
 from shared.settings import STANDALONE_DEFAULTS, Settings
-from shared.web import server_options
 from stream_service.app import create_app as create_stream_app
-
-logger = logging.getLogger("standalone")
 
 AppFactory = Callable[[Settings], web.Application]
 
@@ -42,32 +37,11 @@ def _apps(settings: Settings) -> list[tuple[str, AppFactory, int]]:
     ]
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
-    """Start the four apps, wait for ``stop``, then shut them down gateway first."""
-    runners: list[web.AppRunner] = []
-    try:
-        for name, factory, port in _apps(settings):
-            app = factory(settings)
-            runner = web.AppRunner(
-                app,
-                access_log=None,
-                shutdown_timeout=settings.shutdown_timeout,
-                # Only the gateway faces clients: a hang-up there cancels the upstream call.
-                handler_cancellation=name == "gateway",
-                **server_options(app),
-            )
-            await runner.setup()
-            runners.append(runner)
-            await web.TCPSite(runner, settings.host, port).start()
-            logger.info("%s listening on %s:%d", name, settings.host, port)
-        print(  # noqa: T201 - the one line a person running `make run` is waiting for
-            f"vod is running: http://{settings.host}:{settings.gateway_port}/  (Ctrl-C to stop)",
-            flush=True,
-        )
-        await stop.wait()
-    finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
+def _print_url(settings: Settings) -> None:
+    print(  # noqa: T201 - the one line a person running `make run` is waiting for
+        f"vod is running: http://{settings.host}:{settings.gateway_port}/  (Ctrl-C to stop)",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -89,14 +63,14 @@ def main() -> None:
             settings, jwt_public_key=TokenSigner(settings.jwt_private_key).public_key_pem()
         )
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await serve(settings, stop)
-
-    asyncio.run(run())
+    served = [
+        # Only the gateway faces clients: a hang-up there cancels the upstream call.
+        Served(name, factory(settings), port, handler_cancellation=name == "gateway")
+        for name, factory, port in _apps(settings)
+    ]
+    # The same shutdown as each service's own process (shared.runner): requests in flight,
+    # uploads whose bodies are still arriving included, finish before the apps close.
+    asyncio.run(serve_all(served, settings, on_ready=lambda: _print_url(settings)))
 
 
 if __name__ == "__main__":
