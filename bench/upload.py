@@ -10,19 +10,27 @@ Both processes run as in production on the embedded back ends (SQLite, in-proces
 and bus) with blobs on local disk in a temporary folder. The file is generated chunk by
 chunk (never held whole): a pass computes its content hash and chunk checksums, the timed
 pass sends it. Throughput is MB/s (10^6 bytes, as ``dd`` prints) for the chunk PUTs alone,
-and end to end including ``complete`` (which reads the 2 GiB back, verifies the content
-hash and writes the file). The reference is ``dd if=/dev/zero bs=8M conv=fdatasync`` of
-the same number of bytes into the same folder (the same disk), twice before and twice after; the
-ratios are to its median. Memory: resident set of each
+and end to end including ``complete`` (which checks the content hash from the block
+digests recorded as the chunks arrived and joins the chunks into the file: the disk
+writes the bytes a second time). The reference is ``dd if=/dev/zero bs=8M
+conv=fdatasync`` of the same number of bytes into the same folder (the same disk), twice
+before and twice after; the ratios are to its median. Memory: resident set of each
 service process sampled every 20 ms (psutil) and the kernel's peak (VmHWM), beside the
 resident set just before the upload (after a warm-up upload).
+
+CPU: user + system seconds of each process (stream_service, gateway, this client) for
+the chunk PUTs alone, also per 100 MB, and for the whole upload; ``dd``'s own. The
+machine's cores bound what any run can reach: with the three processes needing ``C``
+core-seconds for the chunk PUTs and ``N`` cores, the PUTs take at least ``C / N``
+seconds even with every core free and the disk never waited for; ``cpu_bound_mb_per_s``
+is that ceiling, ``cpu_bound_vs_dd`` it over the ``dd`` median.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
-import io
 import os
 import platform
 import secrets
@@ -33,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,10 +54,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench._harness import Server as Service
-from bench._harness import free_port, start, wait_ready
+from bench._harness import children_cpu, free_port, start, wait_ready
 from shared.auth import TokenSigner
 from shared.content_hash import ContentHasher
 from shared.db import new_id
+from vod_client.client import SEND_PIECE_BYTES
 
 NAME: Final = "upload"
 
@@ -138,6 +147,13 @@ class RssSampler:
 # -- the client ----------------------------------------------------------------------------
 
 
+async def pieces(chunk: memoryview) -> AsyncIterator[memoryview]:
+    """The chunk as vod_client sends one: views of ``SEND_PIECE_BYTES``, no copy of its
+    own (a ``BytesIO`` body cost the client two: into the BytesIO, and out in reads)."""
+    for offset in range(0, len(chunk), SEND_PIECE_BYTES):
+        yield chunk[offset : offset + SEND_PIECE_BYTES]
+
+
 @dataclass
 class Timings:
     chunks_seconds: float = 0.0
@@ -151,10 +167,13 @@ async def upload(
     headers: Mapping[str, str],
     file: GeneratedFile,
     digests: tuple[str, list[str]],
+    *,
+    chunks_sent: Callable[[], None] = lambda: None,
 ) -> Timings:
     """Uploads ``file`` with ``PARALLEL`` chunks in flight; raises on any unexpected answer.
 
-    ``digests`` is ``file.digests()``, computed beforehand as a client does (untimed).
+    ``digests`` is ``file.digests()``, computed beforehand as a client does (untimed);
+    ``chunks_sent`` runs between the last chunk's answer and ``complete``.
     """
     content_hash, checksums = digests
     timings = Timings()
@@ -175,13 +194,16 @@ async def upload(
         buffer = bytearray(CHUNK)
         while not indices.empty():
             index = indices.get_nowait()
-            # BytesIO: aiohttp streams it in pieces instead of one 8 MiB write.
-            body = io.BytesIO(file.fill(buffer, index))
+            chunk = file.fill(buffer, index)
             sent = time.perf_counter()
             async with session.put(
                 f"{base_url}/api/v1/uploads/{upload_id}/chunks/{index}",
-                data=body,
-                headers={**headers, "X-Chunk-SHA256": checksums[index]},
+                data=pieces(chunk),
+                headers={
+                    **headers,
+                    "X-Chunk-SHA256": checksums[index],
+                    "Content-Length": str(len(chunk)),
+                },
             ) as response:
                 if response.status != 204:  # noqa: PLR2004
                     raise RuntimeError(f"chunk {index}: {response.status} {await response.text()}")
@@ -189,6 +211,7 @@ async def upload(
 
     await asyncio.gather(*(sender() for _ in range(PARALLEL)))
     timings.chunks_seconds = time.perf_counter() - started
+    chunks_sent()
     completing = time.perf_counter()
     async with session.post(
         f"{base_url}/api/v1/uploads/{upload_id}/complete", headers=headers
@@ -207,9 +230,11 @@ def dd_reference(folder: Path) -> dict[str, Any]:
     target = folder / "dd.bin"
     count = -(-FILE_BYTES // CHUNK)
     command = DD_COMMAND.format(target=target, count=count)
+    cpu_before = children_cpu()
     started = time.perf_counter()
     completed = subprocess.run(command.split(), capture_output=True, text=True, check=True)
     seconds = time.perf_counter() - started
+    cpu = children_cpu() - cpu_before
     target.unlink()
     written = count * CHUNK
     return {
@@ -217,6 +242,7 @@ def dd_reference(folder: Path) -> dict[str, Any]:
         "bytes": written,
         "seconds": round(seconds, 3),
         "mb_per_s": round(written / seconds / 1e6, 1),
+        "cpu_seconds": round(cpu, 2),
         "dd_says": completed.stderr.strip().splitlines()[-1],
     }
 
@@ -230,6 +256,21 @@ def mb_per_s(size: int, seconds: float) -> float:
 
 def mib(size: int) -> float:
     return round(size / MIB, 1)
+
+
+def cpu_now(services: Mapping[str, Service]) -> dict[str, float]:
+    """User + system CPU seconds so far of each service and of this (the client) process."""
+    processes = {name: service.process for name, service in services.items()}
+    processes["client"] = psutil.Process()
+    return {name: sum(process.cpu_times()[:2]) for name, process in processes.items()}
+
+
+def record_cpu(into: dict[str, float], services: Mapping[str, Service]) -> None:
+    into.update(cpu_now(services))
+
+
+def spent(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    return {name: round(after[name] - before[name], 2) for name in before}
 
 
 async def measure(work: Path) -> dict[str, Any]:
@@ -280,16 +321,21 @@ async def measure(work: Path) -> dict[str, Any]:
                 file = GeneratedFile(FILE_BYTES, salt)
                 digests = await asyncio.to_thread(file.digests)
                 baseline = {name: s.process.memory_info().rss for name, s in services.items()}
-                cpu_before = {name: s.process.cpu_times() for name, s in services.items()}
-                client_before = psutil.Process().cpu_times()
+                cpu_before = cpu_now(services)
+                cpu_chunks: dict[str, float] = {}
                 sampler = RssSampler(services)
                 with sampler.running():
-                    timings = await upload(session, url, headers, file, digests)
-                client_after = psutil.Process().cpu_times()
-                cpu = {
-                    name: round(sum(s.process.cpu_times()[:2]) - sum(cpu_before[name][:2]), 1)
-                    for name, s in services.items()
-                }
+                    timings = await upload(
+                        session,
+                        url,
+                        headers,
+                        file,
+                        digests,
+                        chunks_sent=functools.partial(record_cpu, cpu_chunks, services),
+                    )
+                cpu = spent(cpu_before, cpu_now(services))
+                chunks_cpu = spent(cpu_before, cpu_chunks)
+                core_seconds = sum(chunks_cpu.values())
                 total = timings.chunks_seconds + timings.complete_seconds
                 latencies = sorted(timings.chunk_latencies)
                 runs.append(
@@ -308,8 +354,15 @@ async def measure(work: Path) -> dict[str, Any]:
                             n: mib(sampler.peaks[n] - baseline[n]) for n in services
                         },
                         "vm_hwm_mib": {n: mib(s.vm_hwm()) for n, s in services.items()},
-                        "cpu_seconds": cpu
-                        | {"client": round(sum(client_after[:2]) - sum(client_before[:2]), 1)},
+                        "cpu_seconds": cpu,
+                        "chunks_cpu_seconds": chunks_cpu,
+                        "chunks_cpu_seconds_per_100_mb": {
+                            name: round(seconds / (FILE_BYTES / 1e8), 3)
+                            for name, seconds in chunks_cpu.items()
+                        },
+                        "cpu_bound_mb_per_s": mb_per_s(
+                            FILE_BYTES, core_seconds / (os.cpu_count() or 1)
+                        ),
                     }
                 )
     finally:
@@ -327,10 +380,11 @@ def run() -> dict[str, Any]:
         references += [dd_reference(scratch) for _ in range(2)]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    dd = statistics.median(reference["mb_per_s"] for reference in references)
+    dd = round(statistics.median(reference["mb_per_s"] for reference in references), 1)
     for entry in measured["runs"]:
         entry["chunks_vs_dd"] = round(entry["chunks_mb_per_s"] / dd, 2)
         entry["end_to_end_vs_dd"] = round(entry["end_to_end_mb_per_s"] / dd, 2)
+        entry["cpu_bound_vs_dd"] = round(entry["cpu_bound_mb_per_s"] / dd, 2)
     return {
         "benchmark": NAME,
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -350,25 +404,30 @@ def run() -> dict[str, Any]:
 
 def summarize(result: dict[str, Any]) -> list[str]:
     dd = ", ".join(str(r["mb_per_s"]) for r in result["reference_dd"])
+    dd_cpu = ", ".join(str(r.get("cpu_seconds", "?")) for r in result["reference_dd"])
     lines = [
         f"{result['file_bytes'] // MIB} MiB, {result['chunk_bytes'] // MIB} MiB chunks, "
         f"{result['parallel_chunks']} in flight. Reference `dd bs=8M conv=fdatasync` of as "
         f"many bytes on the same disk: median {result['reference_dd_median_mb_per_s']} MB/s "
-        f"(runs: {dd}; two before, two after).",
+        f"(runs: {dd}; two before, two after; dd's own CPU {dd_cpu} s).",
         "",
         "| path | chunks MB/s (x dd) | complete s | end to end MB/s (x dd) "
         "| stream_service RSS base → peak MiB (VmHWM) | gateway RSS base → peak MiB "
-        "| CPU s stream / gateway / client |",
-        "|---|---|---|---|---|---|---|",
+        "| CPU s stream / gateway / client | chunk PUTs: CPU s per 100 MB "
+        "stream / gateway / client | CPU ceiling on "
+        f"{result['machine']['cpus']} cores MB/s (x dd) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         base, peak, hwm = r["rss_baseline_mib"], r["rss_peak_mib"], r["vm_hwm_mib"]
-        cpu = r["cpu_seconds"]
+        cpu, per = r["cpu_seconds"], r["chunks_cpu_seconds_per_100_mb"]
         lines.append(
             f"| {r['path']} | {r['chunks_mb_per_s']} ({r['chunks_vs_dd']}) "
             f"| {r['complete_seconds']} | {r['end_to_end_mb_per_s']} ({r['end_to_end_vs_dd']}) "
             f"| {base['stream_service']} → {peak['stream_service']} ({hwm['stream_service']}) "
             f"| {base['gateway']} → {peak['gateway']} "
-            f"| {cpu['stream_service']} / {cpu['gateway']} / {cpu['client']} |"
+            f"| {cpu['stream_service']} / {cpu['gateway']} / {cpu['client']} "
+            f"| {per['stream_service']} / {per['gateway']} / {per['client']} "
+            f"| {r['cpu_bound_mb_per_s']} ({r['cpu_bound_vs_dd']}) |"
         )
     return lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 from aiohttp import web
@@ -74,6 +75,20 @@ async def get_upload(request: web.Request) -> web.Response:
     return json_response(status_json(view), headers=NO_STORE)
 
 
+async def body_pieces(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body, each piece as the connection received it.
+
+    Never joined: fixed-size reads (``iter_chunked``) copied every byte once more, and
+    ``iter_any`` copies whatever pieces wait when the handler falls behind the socket (it
+    joins them into one). ``iter_chunks`` hands out one buffered piece at a time; the
+    store gathers them by reference into its write slices. Its empty pieces only mark the
+    ends of chunked-transfer chunks.
+    """
+    async for piece, _ in request.content.iter_chunks():
+        if piece:
+            yield piece
+
+
 async def put_chunk(request: web.Request) -> web.Response:
     identity = require_identity(request)
     index = parse_chunk_index(request.match_info["index"])
@@ -86,10 +101,7 @@ async def put_chunk(request: web.Request) -> web.Response:
             checksum=checksum,
             content_length=request.content_length,
             # Streamed to storage as it arrives: client_max_size never applies to it.
-            # Each piece as received (no re-joining into fixed-size reads: that copied
-            # every byte once more into freshly allocated buffers); the store gathers
-            # pieces by reference into its write slices.
-            body=request.content.iter_any(),
+            body=body_pieces(request),
         )
     except (ConnectionResetError, HttpProcessingError) as exc:
         # A dropped connection is what resumable upload is for, not a server error: the

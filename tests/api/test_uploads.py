@@ -226,6 +226,22 @@ async def chunked(data: bytes) -> AsyncIterator[bytes]:
         yield data[start : start + MIB]
 
 
+async def test_chunks_sent_without_content_length_make_the_file(
+    uploader: Uploader, blob_root: Path
+) -> None:
+    data = os.urandom(TWO_CHUNKS)
+    upload_id = (await uploader.start(data))["upload_id"]
+    for index, chunk in enumerate(pieces(data)):
+        response = await uploader.gateway.put(
+            f"/api/v1/uploads/{upload_id}/chunks/{index}",
+            data=chunked(chunk),
+            headers={**uploader.auth, "X-Chunk-SHA256": sha256(chunk)},
+        )
+        assert response.status == 204, await response.text()
+    assert (await uploader.complete(upload_id)).status == 200
+    assert blob_path(blob_root, data).read_bytes() == data
+
+
 @pytest.mark.parametrize("announced", [True, False], ids=["content-length", "chunked"])
 async def test_chunk_longer_than_announced_is_cut_off(
     uploader: Uploader, blob_root: Path, announced: bool

@@ -64,3 +64,21 @@ async def test_a_short_or_long_body_is_refused() -> None:
         with pytest.raises(BadRequestError) as raised:
             await drain(chunk)
         assert raised.value.instance_code == "chunk_length_mismatch"
+
+
+async def test_a_body_running_past_its_length_is_cut_off_while_slices_are_being_hashed() -> None:
+    # Long enough that slices are hashed in a worker thread when the excess arrives.
+    data = os.urandom(3 * BLOCK_SIZE)
+    expected = 2 * BLOCK_SIZE + 1
+    digest = hashlib.sha256(data[:expected]).hexdigest()
+    chunk = CheckedChunk(body(data, 65536), expected_length=expected, expected_sha256=digest)
+    handed_on: list[bytes] = []
+
+    async def consume() -> None:
+        async for piece in chunk:
+            handed_on.append(piece)
+
+    with pytest.raises(BadRequestError) as raised:
+        await consume()
+    assert raised.value.instance_code == "chunk_length_mismatch"
+    assert sum(map(len, handed_on)) < expected
