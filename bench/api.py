@@ -26,6 +26,7 @@ import asyncio
 import os
 import secrets
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -59,6 +60,8 @@ CONNECTIONS: Final = 16
 TARGETS: Final = ("gateway", "api", "bare_proxy", "bare")
 REFERENCE: Final = "bare_proxy"
 REDIS_URL: Final = os.environ.get("VOD_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+# Below this a process only idled through a run (health checks): left out of the table.
+IDLE_US_PER_REQUEST: Final = 5
 
 WRK_SCRIPT: Final = (
     """\
@@ -109,6 +112,14 @@ def bare_proxy(port: int, upstream: str) -> None:
 
 
 # -- the run -------------------------------------------------------------------------------
+
+
+def median_cpu_per_request(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Each process's median CPU µs per request over ``runs`` of one target."""
+    return {
+        name: statistics.median(run["cpu_us_per_request"][name] for run in runs)
+        for name in runs[0]["cpu_us_per_request"]
+    }
 
 
 async def start_servers(work: Path, token: str) -> tuple[dict[str, Server], dict[str, str]]:
@@ -196,8 +207,10 @@ def measure_once(
         env={"BENCH_INTERNAL_TOKEN": token if target == "api" else ""},
     )
     seconds = summary["duration_us"] / 1e6
-    cpu = {name: (s.cpu_seconds() - before[name]) / seconds for name, s in servers.items()}
-    cpu["wrk"] = summary["cpu_seconds"] / seconds
+    used = {name: s.cpu_seconds() - before[name] for name, s in servers.items()}
+    used["wrk"] = summary["cpu_seconds"]
+    cpu = {name: value / seconds for name, value in used.items()}
+    requests = max(summary["requests"], 1)
     return {
         "target": target,
         "requests": summary["requests"],
@@ -206,6 +219,9 @@ def measure_once(
         "p50_ms": summary["p50_ms"],
         "p99_ms": summary["p99_ms"],
         "cpu_cores": {name: round(value, 2) for name, value in cpu.items()},
+        # What each request cost each process: the figure to judge a change by on a
+        # shared machine, where req/s moves with everyone else's load.
+        "cpu_us_per_request": {name: round(value / requests * 1e6) for name, value in used.items()},
     }
 
 
@@ -249,6 +265,10 @@ def run() -> dict[str, Any]:
         )
         for target in TARGETS
     }
+    for target, values in medians.items():
+        values["cpu_us_per_request"] = median_cpu_per_request(
+            [r for r in runs if r["target"] == target]
+        )
     reference = medians[REFERENCE]["req_per_s"]
     for values in medians.values():
         values["x_bare_proxy"] = round(values["req_per_s"] / reference, 2)
@@ -281,15 +301,26 @@ def summarize(result: dict[str, Any]) -> list[str]:
         f"**gateway / bare proxy: {ratio}x** (target >= "
         f"{result['target']['gateway_x_bare_proxy']}x: {holds})",
         "",
-        "| target | req/s | x bare proxy | p50 ms | p99 ms | errors | CPU cores busy |",
-        "|---|---|---|---|---|---|---|",
+        "| target | req/s | x bare proxy | p50 ms | p99 ms | errors | CPU cores busy "
+        "| CPU µs per request |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for target, v in medians.items():
         cpu = ", ".join(f"{name} {value}" for name, value in v["cpu_cores"].items() if value)
+        per_request = ", ".join(
+            f"{name} {value}"
+            for name, value in v.get("cpu_us_per_request", {}).items()
+            if value >= IDLE_US_PER_REQUEST
+        )
         lines.append(
             f"| {target} | {v['req_per_s']:,.0f} | {v['x_bare_proxy']} | {v['p50_ms']} "
-            f"| {v['p99_ms']} | {v['errors']} | {cpu} |"
+            f"| {v['p99_ms']} | {v['errors']} | {cpu} | {per_request or '-'} |"
         )
+    lines += [
+        "",
+        f"Machine: {result['machine']['cpus']} cores, load average "
+        f"{result['machine']['load_average_1m']} when the run began.",
+    ]
     return lines
 
 

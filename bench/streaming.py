@@ -30,6 +30,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import statistics
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -205,8 +206,9 @@ def measure_once(
     before = {name: s.cpu_seconds() for name, s in servers.items()}
     summary = run_wrk(wrk, script, url, kind=kind, seconds=SECONDS, token=token)
     seconds = summary["duration_us"] / 1e6
-    cpu = {name: round(s.cpu_seconds() - before[name], 2) for name, s in servers.items()}
-    cpu["wrk"] = round(summary["cpu_seconds"], 2)
+    cpu = {name: s.cpu_seconds() - before[name] for name, s in servers.items()}
+    cpu["wrk"] = summary["cpu_seconds"]
+    requests = max(summary["requests"], 1)
     return {
         "target": target,
         "kind": kind,
@@ -219,6 +221,9 @@ def measure_once(
         "p99_ms": summary["p99_ms"],
         # CPU seconds per second of wall time: 1.0 is one core saturated.
         "cpu_cores": {name: round(value / seconds, 2) for name, value in cpu.items()},
+        # What each request cost each process: the figure to judge a change by on a
+        # shared machine, where MB/s moves with everyone else's load.
+        "cpu_us_per_request": {name: round(value / requests * 1e6) for name, value in cpu.items()},
     }
 
 
@@ -385,8 +390,13 @@ def _summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
             for target in TARGETS
         }
         reference = medians["nginx"]["mb_per_s"]
-        for values in medians.values():
+        for target, values in medians.items():
             values["x_nginx"] = round(values["mb_per_s"] / reference, 2)
+            of_target = [r for r in runs if r["kind"] == kind and r["target"] == target]
+            values["cpu_us_per_request"] = {
+                name: statistics.median(r["cpu_us_per_request"][name] for r in of_target)
+                for name in of_target[0]["cpu_us_per_request"]
+            }
         summary[kind] = medians
     return summary
 
@@ -399,22 +409,36 @@ def summarize(result: dict[str, Any]) -> list[str]:
         "in the same run. CPU in cores busy (1.0 = one core).",
         "",
         "| GETs | target | MB/s | req/s | x nginx | p99 ms | errors "
-        "| CPU stream / gateway / nginx / wrk |",
-        "|---|---|---|---|---|---|---|---|",
+        "| CPU stream / gateway / nginx / wrk | CPU µs per request, same order |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, medians in result["summary"].items():
         for target, v in medians.items():
             cpu = v["cpu_cores"]
+            # Older results have no per-request figures.
+            per = v.get("cpu_us_per_request")
+            per_request = (
+                " / ".join(
+                    f"{per[name]:.0f}" for name in ("stream_service", "gateway", "nginx", "wrk")
+                )
+                if per
+                else "-"
+            )
             lines.append(
                 f"| {kind} | {target} | {v['mb_per_s']} | {v['req_per_s']} | {v['x_nginx']} "
                 f"| {v['p99_ms']} | {v['errors']} | {cpu['stream_service']} / {cpu['gateway']} "
-                f"/ {cpu['nginx']} / {cpu['wrk']} |"
+                f"/ {cpu['nginx']} / {cpu['wrk']} | {per_request} |"
             )
     lines.append("")
     for kind, target, floor in TARGET_RATIOS:
         ratio = result["summary"][kind][target]["x_nginx"]
         verdict = "holds" if ratio >= floor else "FAILS"
         lines.append(f"- target {target} {kind} >= {floor}x nginx: {ratio}x, {verdict}")
+    machine = result["machine"]
+    lines.append(
+        f"- machine: {machine['cpus']} cores, load average {machine['load_average_1m']} "
+        "when the run began"
+    )
     if result.get("sweep"):
         lines.append(
             f"- latency against load (1 MiB ranges, {SWEEP_SECONDS:g} s per point, "

@@ -8,9 +8,19 @@ and ``aud`` check out, and that is not on the revocation list in Redis.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import Final
+
 from aiohttp import hdrs, web
 
-from shared.auth import Identity, TokenVerifier, revoked_family_key, revoked_token_key
+from shared.auth import (
+    LEEWAY_SECONDS,
+    Identity,
+    TokenVerifier,
+    revoked_family_key,
+    revoked_token_key,
+)
 from shared.errors import UnauthorizedError
 from shared.kv import KeyValueStore
 
@@ -18,11 +28,35 @@ from shared.kv import KeyValueStore
 # access token in the query string instead; the gateway removes it before forwarding.
 ACCESS_TOKEN_PARAM = "access_token"  # noqa: S105 - a query parameter name
 
+# Tokens whose signature and claims were verified, remembered by their exact text.
+VERIFIED_TOKENS: Final = 4096
+
 
 class Authenticator:
-    def __init__(self, verifier: TokenVerifier, kv: KeyValueStore) -> None:
+    """Verifies bearer tokens; a signed-in client's next requests skip the signature check.
+
+    A client sends the same access token with every request for its whole life (15
+    minutes), and the signature check is the costly part of each request's
+    authentication. A verified token's claims cannot change (the text is what was
+    signed), so its identity is remembered, by the token's exact text, until the moment
+    the verifier itself would call it expired. The revocation list is still read on every
+    request: signing out takes effect at once, as before.
+    """
+
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        kv: KeyValueStore,
+        *,
+        capacity: int = VERIFIED_TOKENS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._verifier = verifier
         self._kv = kv
+        self._capacity = capacity
+        self._clock = clock
+        # token -> (identity, the first instant at which it counts as expired)
+        self._verified: dict[str, tuple[Identity, float]] = {}
 
     async def authenticate(self, request: web.Request, *, websocket: bool) -> Identity | None:
         """The verified caller, None when no token was presented, 401 for a bad one.
@@ -35,12 +69,28 @@ class Authenticator:
             token = request.query.get(ACCESS_TOKEN_PARAM) or None
         if token is None:
             return None
-        identity = self._verifier.verify(token)
+        identity = self._verify(token)
         revoked = await self._kv.exists(revoked_token_key(identity.token_id)) or (
             await self._kv.exists(revoked_family_key(identity.family_id))
         )
         if revoked:
             raise UnauthorizedError("This session has been signed out.", code="token_revoked")
+        return identity
+
+    def _verify(self, token: str) -> Identity:
+        remembered = self._verified.get(token)
+        if remembered is not None:
+            identity, expired_at = remembered
+            if self._clock() < expired_at:
+                return identity
+            del self._verified[token]  # verify() now says why it is refused
+        identity = self._verifier.verify(token)
+        if len(self._verified) >= self._capacity:
+            # The oldest entry goes (dicts keep insertion order): bounded memory whatever
+            # number of tokens clients present.
+            del self._verified[next(iter(self._verified))]
+        # The verifier refuses a token once exp <= now - leeway (PyJWT's rule).
+        self._verified[token] = (identity, identity.expires_at + LEEWAY_SECONDS)
         return identity
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from api_service.repositories.users import UserRepository
 from api_service.repositories.videos import Video, VideoRepository
 from api_service.services.pagination import decode_cursor, encode_cursor
@@ -23,7 +25,12 @@ from shared.db import Database, DuplicateKeyError, new_id
 from shared.errors import ConflictError, ForbiddenError, NotFoundError
 from shared.events import VIDEO_DELETED
 from shared.kv import KeyValueStore
-from shared.layout import is_upload_id, stream_cache_key, upload_state_key
+from shared.layout import (
+    VIDEO_CACHE_PREFIX,
+    is_upload_id,
+    stream_cache_key,
+    upload_state_key,
+)
 from shared.outbox import add_event
 
 
@@ -31,6 +38,10 @@ from shared.outbox import add_event
 class Page:
     items: list[Video]
     next_cursor: str | None
+
+
+def _same_text(text: str) -> str:
+    return text
 
 
 def video_not_found(video_id: str) -> NotFoundError:
@@ -54,6 +65,12 @@ class VideoService:
         self._users = users
         self._kv = kv
         self._cache = cache
+        # The same entries as ``cache`` (same keys, same JSON text), handed out as the
+        # text itself: a read answered from the cache is sent as stored, not decoded and
+        # encoded again.
+        self._text_cache: ReadThroughCache[str] = ReadThroughCache(
+            kv, prefix=VIDEO_CACHE_PREFIX, encode=_same_text, decode=_same_text
+        )
         self._to_json = to_json
         self._clock = clock
 
@@ -109,6 +126,18 @@ class VideoService:
             return self._to_json(video) if video else None
 
         found = await self._cache.get(video_id, load) if video_id.isalnum() else None
+        if found is None:
+            raise video_not_found(video_id)
+        return found
+
+    async def get_json(self, video_id: str) -> str:
+        """``get``'s answer as JSON text, as the cache holds it."""
+
+        async def load() -> str | None:
+            video = await self._videos.get(video_id)
+            return orjson.dumps(self._to_json(video)).decode() if video else None
+
+        found = await self._text_cache.get(video_id, load) if video_id.isalnum() else None
         if found is None:
             raise video_not_found(video_id)
         return found

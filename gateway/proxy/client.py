@@ -49,6 +49,7 @@ from aiohttp import (
 )
 from yarl import URL
 
+from gateway.proxy.heap import keep_freed_buffers
 from gateway.proxy.metrics import UpstreamMetrics
 from gateway.proxy.table import Service
 from gateway.proxy.upstreams import Replica, ReplicaSet
@@ -101,7 +102,12 @@ class UpstreamRejectedUpgradeError(Exception):
 
 
 def create_client_session(settings: Settings) -> ClientSession:
-    """The session every proxied request shares (one connection pool per process)."""
+    """The session every proxied request shares (one connection pool per process).
+
+    Made once per gateway process, at start-up: the place to set how the process reuses
+    the buffers proxied bodies pass through (``gateway.proxy.heap``).
+    """
+    keep_freed_buffers()
     session = ClientSession(
         connector=TCPConnector(limit=CONNECTION_LIMIT, limit_per_host=0),
         # Bytes pass as the upstream encoded them; Content-Encoding travels with them.

@@ -1,9 +1,14 @@
 """Relaying one HTTP exchange through the gateway, streaming both ways.
 
-Neither body is ever held whole: the request body is handed to the upstream as an async
-generator over the client's stream, the response body is copied chunk by chunk as it
-arrives, and both directions stop reading when the other side is slow (aiohttp's flow
-control), so memory stays flat however large the transfer.
+Neither body is ever held whole beyond ``SMALL_BODY_BYTES``: the request body is handed
+to the upstream as an async generator over the client's stream, the response body is
+copied chunk by chunk as it arrives, and both directions stop reading when the other side
+is slow (aiohttp's flow control), so memory stays flat however large the transfer.
+
+A small response of known length (the JSON of most API calls) is the exception: it is
+read whole and sent with its headers in one write. Streamed, its headers and its body
+would leave in two ``send`` calls, and a socket write costs ≈ 35 µs of CPU on the hosts
+measured, a tenth of a proxied metadata read.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Final
 from aiohttp import ClientError, ClientResponse, web
 
 from gateway.identity import ACCESS_TOKEN_PARAM
-from gateway.proxy.client import UpstreamClient
+from gateway.proxy.client import UpstreamClient, upstream_error
 from gateway.proxy.headers import client_response_headers, upstream_request_headers
 from gateway.proxy.pacing import BodyPace, paced_body
 from gateway.proxy.table import Service
@@ -24,6 +29,10 @@ from shared.web import SETTINGS
 logger = logging.getLogger(__name__)
 
 REQUEST_CHUNK_BYTES: Final = 256 * 1024
+# Responses up to this size (by their Content-Length) are read whole, then sent at once.
+SMALL_BODY_BYTES: Final = 64 * 1024
+# No body follows these, whatever Content-Length says (RFC 9110 §6.4.1).
+_BODILESS_STATUSES: Final = frozenset({204, 304})
 
 
 def upstream_target(request: web.Request) -> str:
@@ -33,6 +42,8 @@ def upstream_target(request: web.Request) -> str:
     forwarded: what was routed is what the upstream sees.
     """
     url = request.rel_url
+    if not url.raw_query_string:
+        return url.raw_path
     if ACCESS_TOKEN_PARAM in url.query:
         # The token was verified here; upstreams get the identity, never the token.
         url = url.without_query_params(ACCESS_TOKEN_PARAM)
@@ -62,6 +73,8 @@ async def forward_http(
         body=lambda: paced_body(request, pace, REQUEST_CHUNK_BYTES) if has_body else None,
     )
     try:
+        if _small_body(request, upstream):
+            return await _whole_response(upstream, service)
         return await _relay_response(request, upstream, service)
     finally:
         # A body not read to its end leaves the connection mid-response: close it rather
@@ -69,6 +82,34 @@ async def forward_http(
         if not upstream.content.is_eof():
             upstream.close()
         upstream.release()
+
+
+def _small_body(request: web.Request, upstream: ClientResponse) -> bool:
+    """Whether the answer is a body of known, small length (never HEAD's, 1xx, 204, 304)."""
+    length = upstream.content_length
+    return (
+        length is not None
+        and length <= SMALL_BODY_BYTES
+        and request.method != "HEAD"
+        and upstream.status >= 200  # noqa: PLR2004 - informational answers have no body
+        and upstream.status not in _BODILESS_STATUSES
+    )
+
+
+async def _whole_response(upstream: ClientResponse, service: Service) -> web.Response:
+    """The upstream's small answer as one response: headers and body leave in one write."""
+    try:
+        body = await upstream.content.read()  # to the end: the caller then releases
+    except (ClientError, TimeoutError) as exc:
+        # Nothing has reached the client yet: it gets an honest 502/504, not a torn body.
+        logger.warning("%s failed mid-body (%r) before the answer was relayed", service, exc)
+        raise upstream_error(service, exc) from None
+    return web.Response(
+        status=upstream.status,
+        reason=upstream.reason,
+        headers=client_response_headers(upstream.headers),
+        body=body,
+    )
 
 
 async def _relay_response(

@@ -68,10 +68,17 @@ _WEBSOCKET_HANDSHAKE: Final = frozenset(
 # An upstream has no business telling a client the shared secret, even by mistake.
 _RESPONSE_DROPPED: Final = frozenset({INTERNAL_TOKEN_HEADER.lower()})
 
+# The unions each direction drops, built once rather than on every request.
+_REQUEST_DROPPED: Final = HOP_BY_HOP | _GATEWAY_OWNED | _REQUEST_ONLY_DROPPED
+_WEBSOCKET_REQUEST_DROPPED: Final = _REQUEST_DROPPED | _WEBSOCKET_HANDSHAKE
+_RESPONSE_HOP_DROPPED: Final = HOP_BY_HOP | _RESPONSE_DROPPED
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    """Header names the sender declared hop-by-hop in its Connection header."""
-    return frozenset(
+
+def _dropped(headers: CIMultiDictProxy[str], fixed: frozenset[str]) -> frozenset[str]:
+    """``fixed`` plus the names the sender declared hop-by-hop in its Connection header."""
+    if hdrs.CONNECTION not in headers:  # the usual case: nothing to parse
+        return fixed
+    return fixed | frozenset(
         token.strip().lower()
         for value in headers.getall(hdrs.CONNECTION, ())
         for token in value.split(",")
@@ -87,30 +94,30 @@ def upstream_request_headers(
     websocket: bool = False,
 ) -> CIMultiDict[str]:
     """The headers to send upstream for ``request``."""
-    dropped = HOP_BY_HOP | _GATEWAY_OWNED | _REQUEST_ONLY_DROPPED
-    dropped |= _connection_tokens(request.headers)
-    if websocket:
-        dropped |= _WEBSOCKET_HANDSHAKE
+    dropped = _dropped(
+        request.headers, _WEBSOCKET_REQUEST_DROPPED if websocket else _REQUEST_DROPPED
+    )
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
         lowered = name.lower()
         if lowered in dropped or lowered.startswith(RESERVED_PREFIX):
             continue
         headers.add(name, value)
-    headers[INTERNAL_TOKEN_HEADER] = internal_token
-    headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
+    # add, not set: every one of these names was dropped above, none can be present.
+    headers.add(INTERNAL_TOKEN_HEADER, internal_token)
+    headers.add(REQUEST_ID_HEADER, request[REQUEST_ID])
     if request.remote:
-        headers["X-Forwarded-For"] = request.remote
-    headers["X-Forwarded-Proto"] = request.scheme
-    headers["X-Forwarded-Host"] = request.host
+        headers.add("X-Forwarded-For", request.remote)
+    headers.add("X-Forwarded-Proto", request.scheme)
+    headers.add("X-Forwarded-Host", request.host)
     if identity is not None:
-        headers.update(identity.to_headers())
+        headers.extend(identity.to_headers())
     return headers
 
 
 def client_response_headers(upstream_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream response's headers that go on to the client."""
-    dropped = HOP_BY_HOP | _RESPONSE_DROPPED | _connection_tokens(upstream_headers)
+    dropped = _dropped(upstream_headers, _RESPONSE_HOP_DROPPED)
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream_headers.items():
         if name.lower() not in dropped:

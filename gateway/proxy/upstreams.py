@@ -90,6 +90,11 @@ class ReplicaSet:
 
     def rotation(self) -> tuple[Replica, ...]:
         now = self._clock()
+        replicas = self.replicas
+        if all(replica.out_until <= now for replica in replicas):  # the usual case
+            start = self._next % len(replicas)
+            self._next += 1
+            return replicas[start:] + replicas[:start]
         serving = [replica for replica in self.replicas if replica.out_until <= now]
         resting = sorted(
             (replica for replica in self.replicas if replica.out_until > now),

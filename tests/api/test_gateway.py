@@ -413,6 +413,25 @@ async def test_upstream_dying_mid_body_cuts_the_client_off(
         await response.read()
 
 
+async def test_small_answer_dying_mid_body_is_a_502(
+    gateway: GatewayFactory, upstreams: Upstreams
+) -> None:
+    # A small answer is read whole before anything is relayed: when it breaks off, no
+    # byte has reached the client yet, so it gets a problem document, not a torn body.
+    async def die_midway(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 1000
+        await response.prepare(request)
+        await response.write(b"x" * 100)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    upstreams.api.app.router.add_get("/api/v1/videos/{id}", die_midway)
+    client = await gateway()
+    await problem(await client.get("/api/v1/videos/v1"), 502, "upstream_unavailable")
+
+
 async def test_client_hanging_up_cancels_the_upstream_request(
     gateway: GatewayFactory, upstreams: Upstreams
 ) -> None:
