@@ -12,7 +12,9 @@ The real back ends of this machine, each under this run's own names: a MariaDB d
    noted beside;
 3. the scheduler starts again and drains the queue; rows/s = rows written between the
    first row and the last, over that time (the database is polled every 50 ms), so the
-   process's start-up is not counted.
+   process's start-up is not counted. The scheduler's CPU time over the same span, per
+   row, is noted beside: it moves less than rows/s with the load of a shared machine; and
+   how long it waited for a CPU while runnable (schedstat), that load's share.
 
 Reference, same run, same broker, same messages: a bare aio-pika consumer (prefetch 400,
 one ack each, no database) drains a second copy of the events: what the broker and the
@@ -126,12 +128,23 @@ async def publish(namespace: str, events: list[Event]) -> float:
         await bus.close()
 
 
-async def wait_rows(db_url: str, video_id: str, expected: int) -> dict[str, float]:
-    """Polls the row count until ``expected``; the first and the last moment rows moved."""
+def cpu_wait_seconds(server: Server) -> float:
+    """How long the process has waited, runnable, for a CPU (Linux schedstat run_delay):
+    what other processes of a shared machine take from it."""
+    fields = Path(f"/proc/{server.popen.pid}/schedstat").read_text().split()
+    return int(fields[1]) / 1e9
+
+
+async def wait_rows(
+    db_url: str, video_id: str, expected: int, scheduler: Server
+) -> dict[str, float]:
+    """Polls the row count until ``expected``; the first and the last moment rows moved,
+    and the scheduler's CPU seconds (used, and waited for) between them."""
     database = await open_database(db_url)
     count = select(func.count()).select_from(danmaku).where(danmaku.c.video_id == video_id)
     first_at: float | None = None
     first_rows = 0
+    first_cpu = first_wait = 0.0
     deadline = time.monotonic() + DRAIN_TIMEOUT
     try:
         while time.monotonic() < deadline:
@@ -140,8 +153,15 @@ async def wait_rows(db_url: str, video_id: str, expected: int) -> dict[str, floa
             now = time.monotonic()
             if rows and first_at is None:
                 first_at, first_rows = now, rows
+                first_cpu, first_wait = scheduler.cpu_seconds(), cpu_wait_seconds(scheduler)
             if rows >= expected and first_at is not None:
-                return {"first_at": first_at, "first_rows": first_rows, "done_at": now}
+                return {
+                    "first_at": first_at,
+                    "first_rows": first_rows,
+                    "done_at": now,
+                    "cpu_seconds": scheduler.cpu_seconds() - first_cpu,
+                    "cpu_wait_seconds": cpu_wait_seconds(scheduler) - first_wait,
+                }
             await asyncio.sleep(POLL_SECONDS)  # polling a database another process writes
     finally:
         await database.close()
@@ -239,12 +259,17 @@ def run() -> dict[str, Any]:
         scheduler = start("scheduler", argv, env, url, work)
         launched = time.monotonic()
         profiler = profile(scheduler.popen.pid)
-        moments = asyncio.run(wait_rows(db_url, video_id, EVENTS))
+        moments = asyncio.run(wait_rows(db_url, video_id, EVENTS, scheduler))
         if profiler is not None:
             profiler.wait(PROFILE_SECONDS + 30)
         scheduler.stop()
         scheduler = None
-        rows_per_s = (EVENTS - moments["first_rows"]) / (moments["done_at"] - moments["first_at"])
+        rows_after_first = EVENTS - moments["first_rows"]
+        span = moments["done_at"] - moments["first_at"]
+        rows_per_s = rows_after_first / span
+        scheduler_cores = moments["cpu_seconds"] / span
+        scheduler_cpu_wait = moments["cpu_wait_seconds"] / span
+        cpu_us_per_row = moments["cpu_seconds"] / rows_after_first * 1e6
         reference = asyncio.run(bare_drain(namespace, EVENTS))
     finally:
         if scheduler is not None:
@@ -260,12 +285,15 @@ def run() -> dict[str, Any]:
         "publish_per_s": round(publish_rate),
         "rows_per_s": round(rows_per_s),
         "seconds_from_launch": round(moments["done_at"] - launched, 2),
+        "scheduler_cpu_cores": round(scheduler_cores, 2),
+        "scheduler_cpu_wait_cores": round(scheduler_cpu_wait, 2),
+        "scheduler_cpu_us_per_row": round(cpu_us_per_row),
         "reference_bare_consume_per_s": round(reference),
         "x_reference": round(rows_per_s / reference, 2),
         "target_rows_per_s": TARGET_ROWS_PER_S,
         "holds": rows_per_s >= TARGET_ROWS_PER_S,
         "batch_size": danmaku_consumer.BATCH_SIZE,
-        "prefetch": danmaku_consumer.BATCH_SIZE * 2,
+        "prefetch": danmaku_consumer.PREFETCH,
     }
 
 
@@ -278,6 +306,9 @@ def summarize(result: dict[str, Any]) -> list[str]:
         f"- persisted: **{result['rows_per_s']:,} rows/s** (target >= "
         f"{result['target_rows_per_s']:,}: {verdict}); queue drained "
         f"{result['seconds_from_launch']} s after the scheduler was launched",
+        f"- the scheduler meanwhile: {result.get('scheduler_cpu_cores', '?')} cores busy, "
+        f"{result.get('scheduler_cpu_us_per_row', '?')} µs of CPU per row; runnable but "
+        f"waiting for a CPU {result.get('scheduler_cpu_wait_cores', '?')} of the time",
         f"- reference, same broker and message size: a bare aio-pika consumer (prefetch "
         f"{REFERENCE_PREFETCH}, no database) {result['reference_bare_consume_per_s']:,} msg/s "
         f"-> persistence at {result['x_reference']}x of what the broker client allows",

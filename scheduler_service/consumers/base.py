@@ -22,8 +22,9 @@ A handler whose work is not only database rows (files, thumbnails) must make tha
 safe to repeat: it happens before the commit, and the commit may still fail.
 
 Handlers that batch several messages into one transaction (danmaku) dedupe themselves:
-``register_raw`` subscribes them as they are, and ``record_processed`` is the same
-insert-or-skip to call in their own transaction.
+``register_raw`` subscribes them as they are, and ``record_processed_batch`` records a
+whole batch's ids in their own transaction, in two statements whatever the batch's size
+(``record_processed``, one insert per id, is a round trip to the database per message).
 
 Later consumers plug in through a registrar, ``(group, backends) -> None``, listed in
 ``scheduler_service.consumers.CONSUMERS``::
@@ -39,10 +40,11 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_service import cancellation
@@ -71,7 +73,9 @@ __all__ = [
     "ConsumerRegistrar",
     "PermanentError",
     "TransactionalHandler",
+    "check_message_id",
     "record_processed",
+    "record_processed_batch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -99,13 +103,18 @@ class Backends:
     blob_grace: timedelta = DEFAULT_GRACE
 
 
+def check_message_id(message_id: str) -> None:
+    """``PermanentError`` for a message id too long to record: it can never succeed."""
+    if len(message_id) > MAX_MESSAGE_ID_CHARS:
+        raise PermanentError(f"message id longer than {MAX_MESSAGE_ID_CHARS} characters")
+
+
 async def record_processed(conn: AsyncConnection, consumer: str, message_id: str) -> bool:
     """Record that ``consumer`` handled ``message_id``, in ``conn``'s transaction.
 
     Returns False, changing nothing, if it was recorded before: the caller skips the work.
     """
-    if len(message_id) > MAX_MESSAGE_ID_CHARS:
-        raise PermanentError(f"message id longer than {MAX_MESSAGE_ID_CHARS} characters")
+    check_message_id(message_id)
     try:
         with translate_errors():
             await conn.execute(
@@ -116,6 +125,49 @@ async def record_processed(conn: AsyncConnection, consumer: str, message_id: str
     except DuplicateKeyError:
         return False
     return True
+
+
+async def record_processed_batch(
+    conn: AsyncConnection, consumer: str, message_ids: Collection[str]
+) -> set[str]:
+    """Record that ``consumer`` handled every one of ``message_ids``, in ``conn``'s
+    transaction; returns the ids recorded now, the others having been recorded before.
+
+    One ``SELECT .. IN`` finds the ids recorded before and one multi-row ``INSERT`` records
+    the rest (executemany, which the MySQL driver sends as a single statement). An id that
+    another transaction records between the two is not skipped as ``record_processed``
+    would: on MySQL the insert waits for that transaction, then raises
+    ``DuplicateKeyError``; the caller's transaction must roll back and run again (its
+    ``SELECT`` then sees the id). On SQLite writers take turns, so it cannot happen.
+    """
+    for message_id in message_ids:
+        check_message_id(message_id)
+    wanted = set(message_ids)
+    if not wanted:
+        return set()
+    recorded = set(
+        (
+            await conn.execute(
+                select(processed_messages.c.message_id).where(
+                    processed_messages.c.consumer == consumer,
+                    processed_messages.c.message_id.in_(wanted),
+                )
+            )
+        ).scalars()
+    )
+    fresh = wanted - recorded
+    if fresh:
+        now = datetime.now(UTC)
+        # Sorted: concurrent batches then lock the keys they share in the same order.
+        with translate_errors():
+            await conn.execute(
+                processed_messages.insert(),
+                [
+                    {"consumer": consumer, "message_id": message_id, "processed_at": now}
+                    for message_id in sorted(fresh)
+                ],
+            )
+    return fresh
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +322,7 @@ class ConsumerGroup:
         for field_, value in (await self._kv.hgetall(UNACKED_KEY)).items():
             queue, _, replica = field_.partition("|")
             reported, _, at = value.partition("|")
-            if not (reported.isdigit() and _is_number(at)) or float(at) < oldest:
+            if not (_is_count(reported) and _is_number(at)) or float(at) < oldest:
                 stale.append(field_)
             elif replica != self._replica and queue in counts:
                 counts[queue] += int(reported)
@@ -354,6 +406,11 @@ class _Idempotent:
                 await self._handler(conn, event)
         if not first_time:
             self._on_duplicate(self._consumer, event)
+
+
+def _is_count(text: str) -> bool:
+    # ASCII only: str.isdigit also accepts digits such as "²" that int() rejects.
+    return text.isascii() and text.isdigit()
 
 
 def _is_number(text: str) -> bool:

@@ -14,13 +14,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from scheduler_service.consumers.base import ConsumerGroup, PermanentError, record_processed
+from scheduler_service.consumers.base import (
+    ConsumerGroup,
+    PermanentError,
+    record_processed,
+    record_processed_batch,
+)
+from scheduler_service.consumers.danmaku import DanmakuBatcher
 from scheduler_service.metrics import SchedulerMetrics
 from shared.bus import Event
-from shared.db.schema import blobs, processed_messages
+from shared.db import new_id
+from shared.db.schema import blobs, danmaku, processed_messages, users, videos
+from shared.events import DANMAKU_CREATED
 from shared.settings import Settings
 from tests.integration.test_scheduler_backends import (
     BACKEND_KINDS,
@@ -301,3 +310,203 @@ async def test_unacked_messages_are_counted_across_replicas(backends: Backends) 
     # A replica that stopped takes its counts with it; the other still counts its own.
     assert await replicas[1].unacked() in ({queue: 0}, {queue: 1})
     await replicas[1].close(grace=WAIT)
+
+
+async def test_record_processed_batch_records_each_id_once(backends: Backends) -> None:
+    consumer, other = backends.queue("batch-recorder"), backends.queue("batch-other")
+    async with backends.db.transaction() as conn:
+        assert await record_processed(conn, consumer, "m1")
+    async with backends.db.transaction() as conn:
+        # m1 recorded before, m2 twice in the same batch.
+        assert await record_processed_batch(conn, consumer, ["m1", "m2", "m3", "m2"]) == {
+            "m2",
+            "m3",
+        }
+        assert await record_processed_batch(conn, consumer, ["m2", "m3"]) == set()
+        assert await record_processed_batch(conn, other, ["m1"]) == {"m1"}
+        assert await record_processed_batch(conn, consumer, []) == set()
+    for message_id in ("m1", "m2", "m3"):
+        assert await processed(backends, consumer, message_id) == 1
+    with pytest.raises(PermanentError, match="longer than 64"):
+        async with backends.db.transaction() as conn:
+            await record_processed_batch(conn, consumer, ["m4", "x" * 65])
+    assert await processed(backends, consumer, "m4") == 0
+
+
+@pytest.fixture
+async def live_video(backends: Backends) -> AsyncIterator[str]:
+    """A video to hang danmaku on; removed with its danmaku afterwards."""
+    now = _now()
+    user_id, video_id = new_id(), new_id()
+    name = f"c{user_id[-12:]}".lower()
+    async with backends.db.transaction() as conn:
+        await conn.execute(
+            users.insert().values(
+                id=user_id, username=name, username_key=name, password_hash="x", created_at=now
+            )
+        )
+        await conn.execute(
+            videos.insert().values(
+                id=video_id,
+                owner_id=user_id,
+                upload_id=new_id(),
+                title="t",
+                description="",
+                content_hash="0" * 64,
+                size=1,
+                filename="f",
+                status="ready",
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    yield video_id
+    async with backends.db.transaction() as conn:
+        await conn.execute(delete(danmaku).where(danmaku.c.video_id == video_id))
+        await conn.execute(delete(videos).where(videos.c.id == video_id))
+        await conn.execute(delete(users).where(users.c.id == user_id))
+
+
+def danmaku_created(video_id: str, offset: int) -> Event:
+    return Event.new(
+        DANMAKU_CREATED,
+        {
+            "id": new_id(),
+            "video_id": video_id,
+            "author_id": new_id(),
+            "offset_ms": offset,
+            "content": f"d{offset}",
+            "mode": "scroll",
+            "color": "#ffffff",
+            "created_at": _now().isoformat(),
+        },
+    )
+
+
+async def stored_danmaku(backends: Backends, video_id: str) -> list[str]:
+    async with backends.db.connect() as conn:
+        found = await conn.execute(select(danmaku.c.id).where(danmaku.c.video_id == video_id))
+        return sorted(found.scalars())
+
+
+async def recorded_ids(backends: Backends, consumer: str) -> list[str]:
+    async with backends.db.connect() as conn:
+        found = await conn.execute(
+            select(processed_messages.c.message_id).where(processed_messages.c.consumer == consumer)
+        )
+        return sorted(found.scalars())
+
+
+async def start_batcher(
+    backends: Backends, consumers: Consumers, events: list[Event]
+) -> tuple[str, DanmakuBatcher]:
+    """A danmaku consumer whose batches are exactly ``len(events)`` messages: the size,
+    never the clock, closes them."""
+    queue = backends.queue("danmaku-batch")
+    batcher = DanmakuBatcher(backends.db, consumer=queue, batch_size=len(events), max_wait=WAIT)
+    consumers.group.register_raw(
+        queue, [DANMAKU_CREATED], batcher.handle, prefetch=len(events), retry_delays=FAST_RETRY
+    )
+    await consumers.group.start()
+    return queue, batcher
+
+
+async def test_a_danmaku_batch_with_a_recorded_id_inserts_only_the_new_rows(
+    backends: Backends, consumers: Consumers, live_video: str
+) -> None:
+    recorder = consumers.recorder
+    events = [danmaku_created(live_video, offset) for offset in range(6)]
+    queue, batcher = await start_batcher(backends, consumers, events)
+    # events[2] was handled before (its batch committed, its ack was lost): its danmaku
+    # must not be written a second time. Its row is left out here, so a second write
+    # would show as a row rather than as a key clash.
+    async with backends.db.transaction() as conn:
+        assert await record_processed(conn, queue, events[2].id)
+    new = [event for event in events if event is not events[2]]
+
+    await backends.bus.publish_many(events)
+    await recorder.until(lambda: len(recorder.outcomes) == len(events))
+
+    assert sorted(o.event_id or "" for o in recorder.results("acked")) == sorted(
+        event.id for event in events
+    )
+    assert list(batcher.batches_written) == [len(new)]  # one batch, one transaction
+    assert await stored_danmaku(backends, live_video) == sorted(
+        str(event.data["id"]) for event in new
+    )
+    assert await recorded_ids(backends, queue) == sorted(event.id for event in events)
+
+
+async def test_a_message_id_too_long_to_record_is_parked_alone(
+    backends: Backends, consumers: Consumers, live_video: str
+) -> None:
+    recorder = consumers.recorder
+    good = [danmaku_created(live_video, offset) for offset in range(2)]
+    made = danmaku_created(live_video, 2)
+    too_long = Event(id="x" * 65, type=made.type, occurred_at=made.occurred_at, data=made.data)
+    # Batches of two: the good messages fill one; the bad one must never join it.
+    queue, batcher = await start_batcher(backends, consumers, good)
+
+    await backends.bus.publish_many([good[0], too_long, good[1]])
+    await recorder.until(lambda: len(recorder.outcomes) == 3)
+
+    assert sorted((o.result, o.event_id or "") for o in recorder.outcomes) == sorted(
+        [("acked", good[0].id), ("acked", good[1].id), ("parked", too_long.id)]
+    )
+    assert list(batcher.batches_written) == [2]
+    assert await stored_danmaku(backends, live_video) == sorted(
+        str(event.data["id"]) for event in good
+    )
+    assert await recorded_ids(backends, queue) == sorted(event.id for event in good)
+
+
+# Longer than the 0.1 s for which InnoDB serves INNODB_TRX from a cache after each read.
+INNODB_TRX_IDLE = 0.2
+
+
+async def lock_waits(backends: Backends) -> int:
+    """Transactions of the test database waiting for a row lock (MariaDB's own view)."""
+    async with backends.db.connect() as conn:
+        found = await conn.execute(
+            text(
+                "SELECT COUNT(*) FROM information_schema.INNODB_TRX t"
+                " JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id"
+                " WHERE t.trx_state = 'LOCK WAIT' AND p.DB = :db"
+            ),
+            {"db": make_url(backends.settings.db_url).database},
+        )
+        return int(found.scalar_one())
+
+
+@pytest.mark.parametrize(
+    "backends", [pytest.param("real", marks=pytest.mark.integration)], indirect=True
+)
+async def test_a_batch_racing_another_for_a_message_id_writes_its_new_rows_once(
+    backends: Backends, consumers: Consumers, live_video: str
+) -> None:
+    recorder = consumers.recorder
+    events = [danmaku_created(live_video, offset) for offset in range(4)]
+    queue, batcher = await start_batcher(backends, consumers, events)
+    # Another replica's batch holding a copy of events[0] records it and has not
+    # committed yet when this batch looks: this one's insert of the same key waits.
+    async with backends.db.transaction() as other:
+        await other.execute(
+            processed_messages.insert().values(
+                consumer=queue, message_id=events[0].id, processed_at=_now()
+            )
+        )
+        await backends.bus.publish_many(events)
+        async with asyncio.timeout(WAIT):
+            # MariaDB's lock view notifies no one: look again until the wait shows, less
+            # often than every 0.1 s (InnoDB refreshes that view only after 0.1 s unread).
+            while not await lock_waits(backends):  # noqa: ASYNC110
+                await asyncio.sleep(INNODB_TRX_IDLE)
+    # The other batch committed: this one rolls back and goes again, without events[0].
+    await recorder.until(lambda: len(recorder.outcomes) == len(events))
+
+    assert [o.result for o in recorder.outcomes] == ["acked"] * len(events)
+    assert list(batcher.batches_written) == [len(events) - 1]
+    assert await stored_danmaku(backends, live_video) == sorted(
+        str(event.data["id"]) for event in events[1:]
+    )
+    assert await recorded_ids(backends, queue) == sorted(event.id for event in events)
