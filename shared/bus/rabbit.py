@@ -460,6 +460,84 @@ class RabbitBus:
         await self._connection.close()
 
 
+class _Acks:
+    """Acks a subscription's finished messages in as few frames as it safely can.
+
+    A message whose every earlier delivery on its channel is already settled joins the
+    next ``basic.ack`` with ``multiple``: a batch of 500 that finishes together (the
+    danmaku consumer's) costs one frame instead of 500, a fifth of the consumer's CPU
+    per message. Any other message is acked on its own at once, so a slow message never
+    holds the prefetch window of those after it. Frames go out one flush at a time, in
+    order: a ``multiple`` ack must never cover a tag already acked (the broker would
+    close the channel), nor one still in flight (it would be lost). Settling returns once
+    the frame is written, as ``message.ack()`` does.
+    """
+
+    def __init__(self) -> None:
+        self._channel: object | None = None
+        # Delivery tags of the current channel not yet settled, in delivery order.
+        self._unsettled: dict[int, None] = {}
+        self._joined: AbstractIncomingMessage | None = None
+        self._joined_written: asyncio.Future[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+
+    def received(self, message: AbstractIncomingMessage) -> None:
+        channel = _channel_of(message)
+        if channel is not self._channel:
+            # A reopened channel numbers its deliveries afresh; what was unsettled on the
+            # old one went back to the queue with it.
+            self._channel = channel
+            self._unsettled = {}
+        if message.delivery_tag is not None:
+            self._unsettled[message.delivery_tag] = None
+
+    def settled(self, message: AbstractIncomingMessage) -> None:
+        """``message`` was settled on its own (acked, nacked): it no longer blocks a join."""
+        if _channel_of(message) is self._channel and message.delivery_tag is not None:
+            self._unsettled.pop(message.delivery_tag, None)
+
+    async def ack(self, message: AbstractIncomingMessage) -> None:
+        tag = message.delivery_tag
+        channel = _channel_of(message)
+        if tag is None or channel is None or channel is not self._channel:
+            await _settle_quietly(message.ack())
+            return
+        if next(iter(self._unsettled), None) != tag:
+            await _settle_quietly(message.ack())
+            self.settled(message)
+            return
+        del self._unsettled[tag]
+        self._joined = message  # the front only moves up: this is the highest joined
+        if self._joined_written is None:
+            self._joined_written = asyncio.get_running_loop().create_future()
+        written = self._joined_written
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        # Shielded: a handler cancelled while it waits must not cancel its batch-mates'.
+        await asyncio.shield(written)
+
+    async def _flush(self) -> None:
+        try:
+            while self._joined is not None and self._joined_written is not None:
+                message, written = self._joined, self._joined_written
+                self._joined = self._joined_written = None
+                try:
+                    await _settle_quietly(message.ack(multiple=True))
+                finally:
+                    if not written.done():
+                        written.set_result(None)
+        finally:
+            self._flusher = None
+
+
+def _channel_of(message: AbstractIncomingMessage) -> object | None:
+    """The AMQP channel ``message`` came on, None once that channel is closed."""
+    try:
+        return message.channel
+    except CONNECTION_EXCEPTIONS:
+        return None
+
+
 class RabbitSubscription:
     """One consumer on its own channel; prefetch unacked messages are handled at once."""
 
@@ -481,6 +559,7 @@ class RabbitSubscription:
         self._consumer_tag: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._acks = _Acks()
 
     @property
     def queue(self) -> str:
@@ -495,6 +574,7 @@ class RabbitSubscription:
             # Arrived between our cancel and the broker's cancel-ok.
             await _settle_quietly(message.nack(requeue=True))
             return
+        self._acks.received(message)
         # A fresh context, so the handler sees the request id of this message only.
         task = asyncio.get_running_loop().create_task(
             self._process(message),
@@ -532,7 +612,7 @@ class RabbitSubscription:
         except Exception as exc:  # noqa: BLE001
             await self._fail(message, headers, event, failures + 1, exc)
             return
-        await _settle_quietly(message.ack())
+        await self._acks.ack(message)
         self._report(routing_key, event.id, "acked", failures + 1, None)
 
     async def _fail(
@@ -603,6 +683,7 @@ class RabbitSubscription:
             await _settle_quietly(message.ack())
         else:
             await _settle_quietly(message.nack(requeue=True))
+        self._acks.settled(message)
         return moved
 
     def _report(

@@ -518,6 +518,61 @@ async def test_prefetch_caps_concurrent_handlers(broker: Broker, bus: MessageBus
     assert most_running == 3
 
 
+async def test_a_slow_message_does_not_hold_back_the_ones_after_it(
+    broker: Broker, bus: MessageBus
+) -> None:
+    """Finished messages are settled at once even while an earlier one runs on, so the
+    prefetch window keeps moving (the RabbitMQ adapter acks batches together)."""
+    queue = broker.queue("unblocked")
+    await bus.declare_queue(queue, ["job.*"], retry_delays=FAST_RETRY)
+    events = [Event.new("job.step", {"n": n}) for n in range(4)]
+    await bus.publish_many(events)
+    gate = asyncio.Event()
+    recorder = Recorder()
+
+    async def handle(event: Event) -> None:
+        await recorder.handle(event)
+        if event.id == events[0].id:
+            await gate.wait()
+
+    await bus.subscribe(
+        queue, ["job.*"], handle, prefetch=2, retry_delays=FAST_RETRY, on_outcome=recorder.outcome
+    )
+    # Two slots: the first is held; the other three pass one by one through the second.
+    await recorder.until(lambda: len(recorder.results("acked")) == 3)
+    assert events[0].id not in {outcome.event_id for outcome in recorder.results("acked")}
+    gate.set()
+    await recorder.until(lambda: len(recorder.results("acked")) == 4)
+
+
+async def test_a_batch_that_finishes_together_is_acked_for_good(
+    broker: Broker, bus: MessageBus
+) -> None:
+    """Fifty handlers released at once: every message is settled with the broker, so a
+    closed and reopened consumer gets none of them again."""
+    queue = broker.queue("together")
+    await bus.declare_queue(queue, ["job.*"], retry_delays=FAST_RETRY)
+    events = [Event.new("job.many", {"n": n}) for n in range(50)]
+    await bus.publish_many(events)
+    gate = asyncio.Event()
+    recorder = Recorder()
+
+    async def handle(event: Event) -> None:
+        await recorder.handle(event)
+        await gate.wait()
+
+    subscription = await bus.subscribe(
+        queue, ["job.*"], handle, prefetch=50, retry_delays=FAST_RETRY, on_outcome=recorder.outcome
+    )
+    await recorder.until(lambda: len(recorder.events) == 50)
+    gate.set()
+    await recorder.until(lambda: len(recorder.results("acked")) == 50)
+    await subscription.close(grace=WAIT)
+
+    # Closing returns whatever the broker still counts unacked to the queue.
+    assert await bus.queue_depth(queue) == 0
+
+
 async def test_close_lets_the_running_handler_finish(broker: Broker, bus: MessageBus) -> None:
     queue = broker.queue("graceful")
     await bus.declare_queue(queue, ["job.*"], retry_delays=FAST_RETRY)
