@@ -8,11 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
 HEALTH_TRIES = 300  # x 0.1 s: start-up includes migrations against a real database
@@ -101,6 +102,44 @@ async def wait_healthy(process: ServiceProcess, url: str, path: str = "/healthz"
             # Polling a process we do not control: the only way to learn it is up.
             await asyncio.sleep(0.1)
     raise AssertionError(f"{process.name} never became healthy:\n{process.log()}")
+
+
+def stop_together(processes: Iterable[ServiceProcess], wait: float) -> dict[str, int]:
+    """SIGTERM every process still running, all at once (they drain side by side), and
+    their exit codes by name; one that has not exited within ``wait`` is SIGKILLed."""
+    running = [process for process in processes if process.popen.poll() is None]
+    for process in running:
+        process.popen.send_signal(signal.SIGTERM)
+    codes: dict[str, int] = {}
+    for process in running:
+        try:
+            codes[process.name] = process.popen.wait(wait)
+        except subprocess.TimeoutExpired:
+            codes[process.name] = process.kill()
+    return codes
+
+
+async def scrape(session: aiohttp.ClientSession, url: str, name: str, **labels: str) -> float:
+    """The sum of the samples of ``name`` with ``labels`` on one process's /metrics."""
+    async with session.get(url + "/metrics") as response:
+        text = await response.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], what: str, *, deadline: float, poll: float = 0.1
+) -> None:
+    """Poll ``check`` (a state of another process) until it holds, for up to ``deadline``."""
+    for _ in range(int(deadline / poll)):
+        if await check():
+            return
+        await asyncio.sleep(poll)  # polling processes we do not control
+    raise AssertionError(f"not within {deadline} s: {what}")
 
 
 # The four services of services mode, upstreams first, and the variable naming each port.

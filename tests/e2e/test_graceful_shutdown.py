@@ -27,16 +27,24 @@ import secrets
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
 import orjson
 import pytest
 import pytest_asyncio
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.processes import ServiceProcess, free_port, services_env, start, wait_healthy
+from tests.e2e.processes import (
+    ServiceProcess,
+    eventually,
+    free_port,
+    scrape,
+    services_env,
+    start,
+    stop_together,
+    wait_healthy,
+)
 from vod_client import BytesSource, VodClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -127,54 +135,27 @@ async def cluster(
         async with aiohttp.ClientSession() as session:
 
             async def all_in_service() -> bool:
-                api_up = await metric(
+                api_up = await scrape(
                     session, gateway.url, "vod_gateway_upstream_replica_up", service="api"
                 )
-                stream_up = await metric(
+                stream_up = await scrape(
                     session, gateway.url, "vod_gateway_upstream_replica_up", service="stream"
                 )
                 return (api_up, stream_up) == (1, len(stream))
 
-            await eventually(all_in_service, "the gateway has every replica in service")
+            await eventually(
+                all_in_service,
+                "the gateway has every replica in service",
+                deadline=DEADLINE,
+                poll=POLL_SECONDS,
+            )
             stream_url = await publish(session, gateway.url, film)
         yield Cluster(gateway=gateway, api=api, stream=stream, film=film, stream_url=stream_url)
     finally:
-        running = [process for process in processes if process.popen.poll() is None]
-        for process in running:  # all at once: they drain side by side
-            process.popen.send_signal(signal.SIGTERM)
-        codes = {process.name: _exit_code(process) for process in running}
+        codes = stop_together(processes, DRAIN_SECONDS + SHUTDOWN_TIMEOUT + CLEANUP_SECONDS)
     assert codes == dict.fromkeys(codes, 0), {
         process.name: process.log()[-2000:] for process in processes if process.name in codes
     }
-
-
-def _exit_code(process: ServiceProcess) -> int:
-    """The exit code of a process already sent SIGTERM (a second one would hurry it)."""
-    try:
-        return process.popen.wait(DRAIN_SECONDS + SHUTDOWN_TIMEOUT + CLEANUP_SECONDS)
-    except subprocess.TimeoutExpired:
-        return process.kill()
-
-
-async def metric(session: aiohttp.ClientSession, url: str, name: str, **labels: str) -> float:
-    """The sum of the samples of ``name`` with ``labels`` on one process's /metrics."""
-    async with session.get(url + "/metrics") as response:
-        text = await response.text()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Poll ``check`` (a state of another process) until it holds, for up to DEADLINE."""
-    for _ in range(int(DEADLINE / POLL_SECONDS)):
-        if await check():
-            return
-        await asyncio.sleep(POLL_SECONDS)  # polling processes we do not control
-    raise AssertionError(f"not within {DEADLINE} s: {what}")
 
 
 async def readyz(url: str) -> tuple[int, object, str]:
@@ -210,7 +191,9 @@ async def draining_then_closed(process: ServiceProcess) -> None:
         return seen[1] == {"status": "draining"}
 
     # SIGTERM is handled by the event loop: a request racing it may still see "ready".
-    await eventually(draining, f"{process.name} reports draining")
+    await eventually(
+        draining, f"{process.name} reports draining", deadline=DEADLINE, poll=POLL_SECONDS
+    )
     # Every response while draining closes its connection: keep-alive clients (the
     # gateway's pool) reconnect, and land elsewhere once the door is closed.
     assert (seen[0], seen[2]) == (503, "close")
@@ -218,7 +201,9 @@ async def draining_then_closed(process: ServiceProcess) -> None:
     async def closed() -> bool:
         return process.popen.poll() is not None or await refuses_connections(process)
 
-    await eventually(closed, f"{process.name} closes its listener")
+    await eventually(
+        closed, f"{process.name} closes its listener", deadline=DEADLINE, poll=POLL_SECONDS
+    )
     assert process.popen.poll() is None, f"{process.name} exited with a request in flight"
 
 
@@ -268,11 +253,16 @@ async def serving_replica(
             replica
             for replica in replicas
             if replica.popen.poll() is None
-            and await metric(session, replica.url, "vod_stream_active") == 1
+            and await scrape(session, replica.url, "vod_stream_active") == 1
         ]
         return len(serving) == 1
 
-    await eventually(one_is_sending, "one stream replica sends the download")
+    await eventually(
+        one_is_sending,
+        "one stream replica sends the download",
+        deadline=DEADLINE,
+        poll=POLL_SECONDS,
+    )
     return serving[0]
 
 
@@ -305,7 +295,7 @@ async def test_a_download_cut_by_a_stream_replica_shutdown_resumes_on_the_other(
             (other,) = [replica for replica in cluster.stream if replica is not serving]
 
             async def ranges_served_by_the_other() -> float:
-                return await metric(
+                return await scrape(
                     session, other.url, "vod_http_requests_total", route=STREAM_ROUTE, status="206"
                 )
 
@@ -360,10 +350,12 @@ async def test_api_service_finishes_a_request_in_flight_after_sigterm(
 
         async def reached_the_api() -> bool:
             # In flight: the sign-up and this /metrics request.
-            in_flight = await metric(session, cluster.api.url, "vod_http_requests_in_flight")
+            in_flight = await scrape(session, cluster.api.url, "vod_http_requests_in_flight")
             return in_flight >= 2
 
-        await eventually(reached_the_api, "the sign-up reaches api_service")
+        await eventually(
+            reached_the_api, "the sign-up reaches api_service", deadline=DEADLINE, poll=POLL_SECONDS
+        )
         signalled = sigterm(cluster.api)
         await draining_then_closed(cluster.api)
         assert not sign_up.done()

@@ -14,23 +14,29 @@ import asyncio
 import hashlib
 import os
 import secrets
-import signal
-import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from shared.db import Database, open_database
 from shared.db.schema import danmaku, video_deletions
 from shared.layout import content_blob_key
 from tests.conftest import JWT_PRIVATE_KEY, JWT_PUBLIC_KEY
-from tests.e2e.processes import ServiceProcess, free_port, start, start_code, wait_healthy
+from tests.e2e.processes import (
+    ServiceProcess,
+    eventually,
+    free_port,
+    scrape,
+    start,
+    start_code,
+    stop_together,
+    wait_healthy,
+)
 from tests.s3_server import S3Server, object_keys
 from vod_client import BytesSource, UploadResult, VodClient
 
@@ -45,6 +51,7 @@ PASSWORD = "scale journey password"
 # Bounds on waits for work other processes do (relay, consumers, deletion): generous on
 # a shared 2-core machine; the test ends as soon as each condition holds.
 DEADLINE = 30.0
+POLL_SECONDS = 0.1
 SHUTDOWN_WAIT = 30.0
 CHUNK_ROUTE = "/api/v1/uploads/{upload_id}/chunks/{index}"
 
@@ -138,12 +145,17 @@ async def cluster(
         async with aiohttp.ClientSession() as session:
 
             async def all_in_service() -> bool:
-                up = await _metric(
+                up = await scrape(
                     session, f"http://127.0.0.1:{gateway_port}", "vod_gateway_upstream_replica_up"
                 )
                 return up == replica_count
 
-            await _eventually(all_in_service, "the gateway has every replica in service")
+            await eventually(
+                all_in_service,
+                "the gateway has every replica in service",
+                deadline=DEADLINE,
+                poll=POLL_SECONDS,
+            )
         yield Cluster(
             gateway=f"http://127.0.0.1:{gateway_port}",
             api=processes[0:2],
@@ -154,45 +166,10 @@ async def cluster(
             s3_prefix=s3_prefix,
         )
     finally:
-        running = [process for process in processes if process.popen.poll() is None]
-        for process in running:  # all at once: they drain side by side
-            process.popen.send_signal(signal.SIGTERM)
-        codes = {process.name: _exit_code(process) for process in running}
+        codes = stop_together(processes, SHUTDOWN_WAIT)
     assert codes == dict.fromkeys(codes, 0), {
         process.name: process.log()[-2000:] for process in processes if process.name in codes
     }
-
-
-def _exit_code(process: ServiceProcess) -> int:
-    """The exit code of a process already sent SIGTERM (a second one would kill it)."""
-    try:
-        return process.popen.wait(SHUTDOWN_WAIT)
-    except subprocess.TimeoutExpired:
-        return process.kill()
-
-
-async def _metric(session: aiohttp.ClientSession, url: str, name: str, **labels: str) -> float:
-    """The sum of the samples of ``name`` with ``labels`` on one process's /metrics."""
-    async with session.get(url + "/metrics") as response:
-        text = await response.text()
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
-
-
-POLL_SECONDS = 0.1
-
-
-async def _eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Poll ``check`` (work other processes do) until it holds, for up to DEADLINE."""
-    for _ in range(int(DEADLINE / POLL_SECONDS)):
-        if await check():
-            return
-        await asyncio.sleep(POLL_SECONDS)  # polling processes we do not control
-    raise AssertionError(f"not within {DEADLINE} s: {what}")
 
 
 async def _next_of_type(ws: aiohttp.ClientWebSocketResponse, kind: str) -> dict[str, Any]:
@@ -271,7 +248,7 @@ async def _upload_while_a_stream_replica_dies(journey: Journey) -> UploadResult:
     replicas = [process.url for process in cluster.stream]
 
     async def chunks_on(url: str) -> float:
-        return await _metric(
+        return await scrape(
             journey.session,
             url,
             "vod_http_requests_total",
@@ -322,7 +299,7 @@ async def _danmaku_while_an_api_replica_dies(journey: Journey, video_id: str) ->
 
     async def sockets_on() -> list[float]:
         # In flight on a replica = its open live sockets + this very /metrics request.
-        return [await _metric(session, url, "vod_http_requests_in_flight") - 1 for url in replicas]
+        return [await scrape(session, url, "vod_http_requests_in_flight") - 1 for url in replicas]
 
     live = journey.url(f"/api/v1/videos/{video_id}/live").replace("http", "ws", 1)
     sender_live = f"{live}?access_token={journey.owner.token}"
@@ -367,7 +344,9 @@ async def _danmaku_while_an_api_replica_dies(journey: Journey, video_id: str) ->
     async def persisted_once() -> bool:
         return await _persisted_danmaku(journey.db, video_id) == expected
 
-    await _eventually(persisted_once, "each danmaku persisted exactly once")
+    await eventually(
+        persisted_once, "each danmaku persisted exactly once", deadline=DEADLINE, poll=POLL_SECONDS
+    )
     _, window = await journey.owner.request("GET", f"/api/v1/videos/{video_id}/danmaku")
     assert [item["content"] for item in window["items"]] == expected
 
@@ -387,7 +366,12 @@ async def _delete_down_to_the_last_byte(journey: Journey, video_id: str, content
         return await _deletion_state(journey.db, video_id) == "done"
 
     # The blob step comes before "done": from here on the file is gone or never will be.
-    await _eventually(deletion_done, "the scheduler finished deleting the video")
+    await eventually(
+        deletion_done,
+        "the scheduler finished deleting the video",
+        deadline=DEADLINE,
+        poll=POLL_SECONDS,
+    )
     assert await _persisted_danmaku(journey.db, video_id) == []
     async with cluster.s3.admin() as s3:
         left = await object_keys(s3, cluster.s3.bucket, cluster.s3_prefix + "/")
