@@ -194,6 +194,15 @@ class Console:
 ContextFactory = Callable[..., Awaitable[BrowserContext]]
 
 
+def _subscribe_early(page: Page) -> None:
+    """Playwright asks the browser for a page's events without waiting for the answer, so
+    an ``expect_file_chooser()`` or ``expect_response()`` right before the key press or
+    click that causes the event can be overtaken by it (a chooser opened by Space was
+    missed once in CI). Subscribed when the page opens, they are in place long before."""
+    for event in ("filechooser", "response"):
+        page.on(event, lambda _event: None)
+
+
 @pytest.fixture
 def console() -> Console:
     return Console()
@@ -209,6 +218,7 @@ async def open_context(browser: Browser, console: Console) -> AsyncIterator[Cont
         context = await browser.new_context(**options)
         context.set_default_timeout(TIMEOUT_MS)
         context.on("page", console.watch)
+        context.on("page", _subscribe_early)
         contexts.append(context)
         return context
 
@@ -507,10 +517,6 @@ async def test_keyboard_only(  # noqa: PLR0915 - one visit, key by key
 ) -> None:
     context = await open_context(viewport={"width": 1280, "height": 900})
     page = await context.new_page()
-    # Playwright asks the browser for file-chooser events without waiting for the answer:
-    # subscribed only inside expect_file_chooser, the key press below can overtake it and
-    # the chooser opens unseen. Subscribed now, the request has long been applied.
-    page.on("filechooser", lambda _chooser: None)
     await page.goto(site + "/")
     keys = page.keyboard
     # The first Tab lands on the skip link, which moves the focus to the content.
