@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import io
 import itertools
+import json
 import os
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -785,6 +786,8 @@ async def test_creation_with_a_refused_body_still_says_where_the_upload_is(
     wrong = upload_checksum("sha1", b"not these bytes")
     response = await alice.create(len(data), body=data, extra={"Upload-Checksum": wrong})
     await tus_problem(response, 460, "checksum_mismatch")
+    spec = json.loads((Path(__file__).parents[2] / "gateway" / "openapi.json").read_text())
+    assert "460" in spec["paths"]["/api/v1/tus/"]["post"]["responses"]  # documented too
     path = urlsplit(response.headers["Location"]).path
     assert await alice.offset(path) == 0
     assert upload_files(blob_root, path) == []
