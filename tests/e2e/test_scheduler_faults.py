@@ -30,7 +30,6 @@ from shared.db.schema import (
     comments,
     danmaku,
     processed_messages,
-    users,
     video_deletions,
     videos,
 )
@@ -38,6 +37,7 @@ from shared.events import DANMAKU_CREATED, VIDEO_DELETED
 from tests.e2e.processes import ServiceSuite, services_env
 from tests.integration.test_bus_contract import TcpProxy
 from tests.private_servers import RabbitMQServer
+from tests.rows import add_video
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -73,36 +73,6 @@ async def suite(tmp_path: Path, real_backends_env: dict[str, str]) -> AsyncItera
         yield started
     finally:
         started.stop_all()
-
-
-async def add_video(db: Database, *, deleted: bool = False) -> tuple[str, str]:
-    """A user and a video of theirs, as rows; returns (user id, video id)."""
-    now = datetime.now(UTC)
-    user_id, video_id = new_id(), new_id()
-    name = f"f{user_id[-12:]}".lower()
-    async with db.transaction() as conn:
-        await conn.execute(
-            users.insert().values(
-                id=user_id, username=name, username_key=name, password_hash="x", created_at=now
-            )
-        )
-        await conn.execute(
-            videos.insert().values(
-                id=video_id,
-                owner_id=user_id,
-                upload_id=new_id(),
-                title="t",
-                description="",
-                content_hash=secrets.token_hex(32),
-                size=1,
-                filename="f",
-                status="ready",
-                created_at=now,
-                updated_at=now,
-                deleted_at=now if deleted else None,
-            )
-        )
-    return user_id, video_id
 
 
 def danmaku_event(video_id: str, author_id: str, offset: int) -> Event:

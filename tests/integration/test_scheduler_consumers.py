@@ -38,6 +38,7 @@ from tests.integration.test_scheduler_backends import (
     Recorder,
     open_backends,
 )
+from tests.rows import add_video
 
 FAST_RETRY = (0.02, 0.05)
 
@@ -336,30 +337,7 @@ async def test_record_processed_batch_records_each_id_once(backends: Backends) -
 @pytest.fixture
 async def live_video(backends: Backends) -> AsyncIterator[str]:
     """A video to hang danmaku on; removed with its danmaku afterwards."""
-    now = _now()
-    user_id, video_id = new_id(), new_id()
-    name = f"c{user_id[-12:]}".lower()
-    async with backends.db.transaction() as conn:
-        await conn.execute(
-            users.insert().values(
-                id=user_id, username=name, username_key=name, password_hash="x", created_at=now
-            )
-        )
-        await conn.execute(
-            videos.insert().values(
-                id=video_id,
-                owner_id=user_id,
-                upload_id=new_id(),
-                title="t",
-                description="",
-                content_hash="0" * 64,
-                size=1,
-                filename="f",
-                status="ready",
-                created_at=now,
-                updated_at=now,
-            )
-        )
+    user_id, video_id = await add_video(backends.db)
     yield video_id
     async with backends.db.transaction() as conn:
         await conn.execute(delete(danmaku).where(danmaku.c.video_id == video_id))
