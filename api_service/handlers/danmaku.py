@@ -73,19 +73,29 @@ async def watch_live(request: web.Request) -> web.StreamResponse:
         heartbeat=HEARTBEAT_SECONDS,
         max_msg_size=MAX_MESSAGE_BYTES,
     )
-    await ws.prepare(request)
+    # Refusals are close codes after the handshake: a browser cannot read the status of
+    # a refused WebSocket handshake.
     try:
         await service.require_video(video_id)
     except NotFoundError as error:
+        await ws.prepare(request)
         await ws.close(code=CLOSE_NOT_FOUND, message=error.detail.encode()[:120])
         return ws
     except ServiceUnavailableError:
+        await ws.prepare(request)
         await ws.close(code=CLOSE_INTERNAL, message=b"back end unavailable")
         return ws
+    # Joined before the handshake answers: a danmaku published once the client sees its
+    # socket open is queued for it, not missed.
     viewer = hub.join(
-        video_id, ws.send_str, lambda: ws.close(code=CLOSE_GOING_AWAY, message=b"shutting down")
+        video_id,
+        ws.send_str,
+        lambda: ws.close(code=CLOSE_GOING_AWAY, message=b"shutting down"),
+        start=False,
     )
     try:
+        await ws.prepare(request)
+        viewer.start()
         await _read_until_closed(ws, service, video_id, request_identity(request))
     finally:
         await hub.leave(viewer)

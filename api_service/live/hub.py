@@ -75,7 +75,11 @@ Close = Callable[[], Awaitable[object]]
 
 
 class Viewer:
-    """One open live socket: a bounded queue and the task that drains it into ``send``."""
+    """One open live socket: a bounded queue and the task that drains it into ``send``.
+
+    Messages are queued from the moment the viewer joins; they go out once ``start()``
+    is called (the socket's handshake done).
+    """
 
     def __init__(self, video_id: str, send: Send, close: Close | None, queue_size: int) -> None:
         self.video_id = video_id
@@ -84,7 +88,12 @@ class Viewer:
         self._queue: asyncio.Queue[str] = asyncio.Queue(queue_size)
         self.dropped = 0
         self.delivered = 0
-        self._task = asyncio.create_task(self._pump(), name=f"live:viewer:{video_id}")
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start sending what is queued and what comes next."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._pump(), name=f"live:viewer:{self.video_id}")
 
     def offer(self, text: str) -> None:
         """Queue ``text`` without waiting; dropped for this viewer when its queue is full."""
@@ -105,6 +114,8 @@ class Viewer:
             logger.debug("live: viewer of %s stopped receiving: %r", self.video_id, exc)
 
     async def stop(self) -> None:
+        if self._task is None:
+            return
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -132,11 +143,17 @@ class LiveHub:
 
     # -- viewers ---------------------------------------------------------------------
 
-    def join(self, video_id: str, send: Send, close: Close | None = None) -> Viewer:
+    def join(
+        self, video_id: str, send: Send, close: Close | None = None, *, start: bool = True
+    ) -> Viewer:
         """A new viewer of ``video_id``: messages go out through ``send``; ``close`` ends
-        its socket when the replica shuts down."""
+        its socket when the replica shuts down. With ``start=False`` they wait in its
+        queue until ``viewer.start()``: a socket joins before its handshake completes, so
+        a client that sees the socket open has missed nothing."""
         viewer = Viewer(video_id, send, close, self._queue_size)
         self._viewers.setdefault(video_id, set()).add(viewer)
+        if start:
+            viewer.start()
         return viewer
 
     async def leave(self, viewer: Viewer) -> None:
