@@ -71,7 +71,9 @@ class LocalBlobStore:
     ) -> BlobInfo:
         path = self._path(key)
         hashed_by_source = isinstance(chunks, Sha256Source)
-        writer = await self._io(_TempWriter.open, key, path, not hashed_by_source)
+        writer = await self._acquire(
+            _TempWriter.open, key, path, not hashed_by_source, release=_TempWriter.discard
+        )
         try:
             await self._pour(writer, chunks, max_bytes)
             modified = await self._io(writer.commit)
@@ -88,7 +90,7 @@ class LocalBlobStore:
             raise ValueError("offset and length must be ≥ 0, chunk_size > 0")
         path = self._path(key)
         try:
-            file = await self._io(_open_for_reading, path, offset)
+            file = await self._acquire(_open_for_reading, path, offset, release=_close)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise BlobNotFoundError(f"No blob {key!r}.") from None
         try:
@@ -125,7 +127,9 @@ class LocalBlobStore:
     async def concatenate(self, target_key: str, part_keys: Sequence[str]) -> BlobInfo:
         path = self._path(target_key)
         part_paths = [self._path(part) for part in part_keys]
-        writer = await self._io(_TempWriter.open, target_key, path, True)
+        writer = await self._acquire(
+            _TempWriter.open, target_key, path, True, release=_TempWriter.discard
+        )
         hash_buffer = bytearray(_HASH_READ_BYTES)
         try:
             for part_key, part_path in zip(part_keys, part_paths, strict=True):
@@ -220,7 +224,7 @@ class LocalBlobStore:
         self, writer: _TempWriter, key: str, path: Path, hash_buffer: bytearray
     ) -> None:
         try:
-            part = await self._io(_open_for_reading, path, 0)
+            part = await self._acquire(_open_for_reading, path, 0, release=_close)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise BlobNotFoundError(f"No blob {key!r}.") from None
         try:
@@ -252,6 +256,21 @@ class LocalBlobStore:
         """
         future = asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
         return await _finish_in_thread(future)
+
+    async def _acquire(
+        self, function: Callable[..., T], *args: object, release: Callable[[T], None]
+    ) -> T:
+        """``_io`` for a ``function`` that opens something: if the caller is cancelled
+        while the thread opens it, it is released once open instead of leaked (a client
+        hanging up, a shutdown cancelling a job)."""
+        future = asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            await _settle(future)
+            if not future.cancelled() and future.exception() is None:
+                release(future.result())
+            raise
 
     def _delete(self, path: Path) -> bool:
         try:
@@ -402,6 +421,10 @@ class _TempWriter:
     def discard(self) -> None:
         self.file.close()
         self.temp.unlink(missing_ok=True)
+
+
+def _close(file: IO[bytes]) -> None:
+    file.close()
 
 
 def _open_for_reading(path: Path, offset: int) -> IO[bytes]:

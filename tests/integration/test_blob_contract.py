@@ -19,6 +19,7 @@ import hashlib
 import os
 import secrets
 import socket
+import threading
 import tracemalloc
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -26,7 +27,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 from aiobotocore.session import AioSession
@@ -43,6 +44,7 @@ from shared.blobs import (
     S3BlobStore,
     open_blob_store,
 )
+from shared.blobs import local as local_blobs
 from shared.errors import BadRequestError, ConfigError
 from tests.s3_server import S3Server, empty_prefix, object_keys, unfinished_uploads
 
@@ -728,3 +730,36 @@ async def test_a_closed_store_refuses_work(s3_place: S3Place) -> None:
     await store.close()
     with pytest.raises(BlobStoreUnavailableError):
         await store.stat("k")
+
+
+async def test_a_read_cancelled_while_its_file_opens_leaves_it_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A viewer hanging up (or a shutdown) while the local disk opens the blob: the file
+    the thread then opens is closed, not left for the garbage collector."""
+    store = open_blob_store(f"file://{tmp_path}")
+    await store.write("blobs/ab/film", chunks_of(b"frames"))
+    opened: list[IO[bytes]] = []
+    may_open = threading.Event()
+
+    def slow_open(path: Path, offset: int) -> IO[bytes]:
+        may_open.wait(timeout=10)
+        file = original(path, offset)
+        opened.append(file)
+        return file
+
+    original = local_blobs._open_for_reading
+    monkeypatch.setattr(local_blobs, "_open_for_reading", slow_open)
+
+    async def read() -> bytes:
+        return b"".join([piece async for piece in store.read("blobs/ab/film")])
+
+    reading = asyncio.create_task(read())
+    await asyncio.sleep(0)  # the read is now waiting for its thread
+    reading.cancel()
+    may_open.set()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    assert len(opened) == 1
+    assert opened[0].closed
+    await store.close()
