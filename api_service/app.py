@@ -37,7 +37,7 @@ from api_service.services.spam import BlockedWords, RateLimit
 from api_service.services.users import UserService
 from api_service.services.videos import VideoService
 from shared.auth import TokenSigner
-from shared.cache import ReadThroughCache
+from shared.cache import CacheInvalidations, ReadThroughCache
 from shared.layout import VIDEO_CACHE_PREFIX
 from shared.resources import BUS, DB, KV, bus_ctx, database_ctx, kv_ctx
 from shared.settings import Settings
@@ -64,12 +64,15 @@ async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
     users = UserRepository(db)
     videos = VideoRepository(db)
     app[USERS] = UserService(db=db, users=users, videos=videos, hasher=hasher)
+    # Drops this process's local copies of cached entries that changed anywhere.
+    invalidations = CacheInvalidations(kv)
     # One cache object: comments change a video's comment_count and drop its entry too.
     video_cache: ReadThroughCache[dict[str, Any]] = ReadThroughCache(
         kv,
         prefix=VIDEO_CACHE_PREFIX,
         encode=lambda value: orjson.dumps(value).decode(),
         decode=orjson.loads,
+        invalidations=invalidations,
     )
     app[VIDEOS] = VideoService(
         db=db,
@@ -78,6 +81,7 @@ async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
         kv=kv,
         cache=video_cache,
         to_json=video_json,
+        invalidations=invalidations,
     )
     blocked_words = BlockedWords(settings.blocked_words)
     comment_count, comment_seconds = settings.comment_rate
@@ -112,7 +116,8 @@ async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
             window_seconds=settings.login_window_seconds,
         ),
     )
-    yield
+    async with invalidations.running():
+        yield
 
 
 async def live_ctx(app: web.Application) -> AsyncIterator[None]:

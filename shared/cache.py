@@ -9,23 +9,181 @@
   short Redis lock; the others wait for the entry to appear (bounded), then read it.
 
 Values are stored as text by ``encode``/``decode`` (JSON, typically). Writers call
-``invalidate`` after their transaction commits.
+``invalidate`` (or ``forget_cached``) after their transaction commits.
+
+A cache may also keep a **local copy** of hot entries in the process (``LocalCopies``),
+so a read of one costs a dict lookup, not a Redis round trip. Copies are only trusted
+while the process is subscribed to the invalidation channel (``CacheInvalidations``):
+every invalidation deletes the Redis entry, then publishes its key, and each subscribed
+process drops its copy on receipt, within a millisecond or so on a healthy Redis. While
+the subscription is down (Redis restarting, the connection lost), local copies are
+neither used nor kept: reads go to Redis as before, so a missed message can never keep
+a stale copy alive. Only values are copied, never "does not exist": a video created
+a moment ago must not stay invisible here while Redis already knows it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import random
 import secrets
-from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Final, Generic, TypeVar
 
-from shared.kv import KeyValueStore
+from shared.kv import KeyValueError, KeyValueStore
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 # Stored in place of a value for "this id does not exist"; cannot collide with JSON.
 NEGATIVE = "\x00none"
+# Pub/sub channel (in the store's namespace) carrying "<prefix> <key>" for every entry
+# invalidated, so processes holding a local copy drop it.
+INVALIDATIONS_CHANNEL: Final = "cache-invalidations"
+# How long a local copy is trusted at most, even with the subscription up: a bound on
+# staleness should a message ever be lost on a connection that looks healthy.
+LOCAL_TTL_SECONDS: Final = 30.0
+LOCAL_MAX_ENTRIES: Final = 10_000
+# Pause between attempts to resubscribe after the connection to Redis was lost.
+RESUBSCRIBE_SECONDS: Final = 1.0
+
+
+def entry_key(prefix: str, key: str) -> str:
+    """The Redis key of ``key``'s entry in the cache of ``prefix``."""
+    return f"cache:{prefix}:{key}"
+
+
+async def forget_cached(kv: KeyValueStore, prefix: str, keys: Iterable[str]) -> None:
+    """Deletes the entries of ``keys`` from the cache of ``prefix`` in Redis, then tells
+    every process to drop its local copy. Call after the change has committed."""
+    keys = list(keys)
+    if not keys:
+        return
+    await kv.delete(*(entry_key(prefix, key) for key in keys))
+    for key in keys:
+        await kv.publish(INVALIDATIONS_CHANNEL, f"{prefix} {key}")
+
+
+class LocalCopies(Generic[T]):
+    """A process's copies of one cache's entries; trusted only while ``invalidations`` is
+    subscribed, and each for ``ttl`` seconds at most. Made by ``CacheInvalidations``."""
+
+    def __init__(self, invalidations: CacheInvalidations, *, ttl: float, max_entries: int) -> None:
+        self._invalidations = invalidations
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._entries: dict[str, tuple[float, T]] = {}
+
+    def get(self, key: str) -> T | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, value = entry
+        if not self._invalidations.live or time.monotonic() >= expires:
+            del self._entries[key]
+            return None
+        return value
+
+    @property
+    def generation(self) -> int:
+        """Changes with every invalidation received (and every loss of the subscription)."""
+        return self._invalidations.generation
+
+    def put(self, key: str, value: T, generation: int) -> None:
+        """Keeps ``value``, read when ``generation`` was current, unless an invalidation
+        has arrived since (the value may be what it invalidated) or copies are untrusted."""
+        if generation != self._invalidations.generation or not self._invalidations.live:
+            return
+        if len(self._entries) >= self._max_entries:
+            # The oldest copy goes first (dicts keep insertion order).
+            del self._entries[next(iter(self._entries))]
+        self._entries[key] = (time.monotonic() + self._ttl, value)
+
+    def drop(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class CacheInvalidations:
+    """The one subscription of a process to the invalidation channel, feeding the local
+    copies of all its caches. ``run()`` is the task an app keeps for its lifetime."""
+
+    def __init__(self, kv: KeyValueStore, *, resubscribe_seconds: float = RESUBSCRIBE_SECONDS):
+        self._kv = kv
+        self._resubscribe_seconds = resubscribe_seconds
+        self._copies: dict[str, list[LocalCopies[Any]]] = {}
+        self.live = False
+        self.generation = 0
+        self._subscribed = asyncio.Event()
+
+    def local_copies(
+        self, prefix: str, *, ttl: float = LOCAL_TTL_SECONDS, max_entries: int = LOCAL_MAX_ENTRIES
+    ) -> LocalCopies[Any]:
+        """A new set of local copies for the cache of ``prefix``."""
+        copies: LocalCopies[Any] = LocalCopies(self, ttl=ttl, max_entries=max_entries)
+        self._copies.setdefault(prefix, []).append(copies)
+        return copies
+
+    async def wait_subscribed(self) -> None:
+        """Returns once the subscription is confirmed (tests and start-up ordering)."""
+        await self._subscribed.wait()
+
+    def _forget_everything(self) -> None:
+        self.generation += 1
+        for copies_of_prefix in self._copies.values():
+            for copies in copies_of_prefix:
+                copies.clear()
+
+    def forget(self, prefix: str, key: str) -> None:
+        """Drops every local copy of ``key`` in the caches of ``prefix``; a read of it
+        already under way will not keep what it finds."""
+        self.generation += 1
+        for copies in self._copies.get(prefix, ()):
+            copies.drop(key)
+
+    def _received(self, message: str) -> None:
+        prefix, _, key = message.partition(" ")
+        self.forget(prefix, key)
+
+    async def run(self) -> None:
+        """Subscribes, and resubscribes after every loss, until cancelled."""
+        while True:
+            try:
+                async with self._kv.subscribe(INVALIDATIONS_CHANNEL) as messages:
+                    # Whatever changed while unsubscribed is unknown: start afresh.
+                    self._forget_everything()
+                    self.live = True
+                    self._subscribed.set()
+                    async for message in messages:
+                        self._received(message)
+            except KeyValueError as error:
+                logger.warning("cache invalidations unsubscribed (%s); retrying", error)
+            finally:
+                self.live = False
+                self._subscribed.clear()
+                self._forget_everything()
+            await asyncio.sleep(self._resubscribe_seconds)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> Any:
+        """``run()`` as a task for the duration of the block."""
+        task = asyncio.create_task(self.run(), name="cache-invalidations")
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
 
 _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -50,8 +208,18 @@ class ReadThroughCache(Generic[T]):
         wait_timeout: float = 2.0,
         poll_interval: float = 0.02,
         rng: random.Random | None = None,
+        invalidations: CacheInvalidations | None = None,
+        keep_local_copies: bool = False,
     ) -> None:
+        """``invalidations``: this process's subscription; with it, ``invalidate`` drops
+        local copies here at once, and ``keep_local_copies`` keeps copies of values."""
         self._kv = kv
+        self._invalidations = invalidations
+        self._local: LocalCopies[T] | None = (
+            invalidations.local_copies(prefix)
+            if invalidations is not None and keep_local_copies
+            else None
+        )
         self._prefix = prefix
         self._encode = encode
         self._decode = decode
@@ -66,10 +234,23 @@ class ReadThroughCache(Generic[T]):
         self._in_flight: dict[str, asyncio.Future[T | None]] = {}
 
     def _key(self, key: str) -> str:
-        return f"cache:{self._prefix}:{key}"
+        return entry_key(self._prefix, key)
 
     async def get(self, key: str, load: Callable[[], Awaitable[T | None]]) -> T | None:
         """The cached value of ``key``, else ``load()``'s (None: it does not exist)."""
+        local = self._local
+        if local is None:
+            return await self._get_shared(key, load)
+        value = local.get(key)
+        if value is not None:
+            return value
+        generation = local.generation
+        value = await self._get_shared(key, load)
+        if value is not None:
+            local.put(key, value, generation)
+        return value
+
+    async def _get_shared(self, key: str, load: Callable[[], Awaitable[T | None]]) -> T | None:
         cached = await self._kv.get(self._key(key))
         if cached is not None:
             return None if cached == NEGATIVE else self._decode(cached)
@@ -128,5 +309,9 @@ class ReadThroughCache(Generic[T]):
         await self._kv.set(self._key(key), self._encode(value), ex=ttl)
 
     async def invalidate(self, key: str) -> None:
-        """Forget ``key`` (positive or negative entry); the next read loads it again."""
-        await self._kv.delete(self._key(key))
+        """Forget ``key`` (positive or negative entry) in Redis and in every process's
+        local copies; the next read loads it again."""
+        await forget_cached(self._kv, self._prefix, [key])
+        if self._invalidations is not None:
+            # Here at once: this process's next read must not wait for the message.
+            self._invalidations.forget(self._prefix, key)

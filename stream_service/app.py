@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from aiohttp import web
 from prometheus_client import Counter
 
+from shared.cache import CacheInvalidations
 from shared.resources import BLOBS, DB, KV, blobs_ctx, bus_ctx, database_ctx, kv_ctx
 from shared.settings import Settings
 from shared.web import METRICS, SETTINGS, CleanupContext, create_base_app
@@ -53,10 +54,14 @@ async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
         max_upload_bytes=app[SETTINGS].max_upload_bytes,
         user_quota_bytes=app[SETTINGS].user_quota_bytes,
     )
-    app[CATALOG] = VideoCatalog(db=app[DB], blobs=app[BLOBS], kv=app[KV])
+    invalidations = CacheInvalidations(app[KV])
+    app[CATALOG] = VideoCatalog(
+        db=app[DB], blobs=app[BLOBS], kv=app[KV], invalidations=invalidations
+    )
     app[TUS] = TusService(uploads=app[UPLOADS], kv=app[KV], blobs=app[BLOBS])
     try:
-        yield
+        async with invalidations.running():
+            yield
     finally:
         # PATCH bodies still being stored for clients that left.
         await app[TUS].close()

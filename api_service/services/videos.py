@@ -20,15 +20,15 @@ from api_service.repositories.videos import Video, VideoRepository
 from api_service.services.pagination import decode_cursor, encode_cursor
 from shared.auth import Identity
 from shared.bus import Event
-from shared.cache import ReadThroughCache
+from shared.cache import CacheInvalidations, ReadThroughCache, forget_cached
 from shared.db import Database, DuplicateKeyError, new_id
 from shared.errors import ConflictError, ForbiddenError, NotFoundError
 from shared.events import VIDEO_DELETED
 from shared.kv import KeyValueStore
 from shared.layout import (
+    STREAM_CACHE_PREFIX,
     VIDEO_CACHE_PREFIX,
     is_upload_id,
-    stream_cache_key,
     upload_state_key,
 )
 from shared.outbox import add_event
@@ -59,6 +59,7 @@ class VideoService:
         cache: ReadThroughCache[dict[str, Any]],
         to_json: Callable[[Video], dict[str, Any]],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        invalidations: CacheInvalidations | None = None,
     ) -> None:
         self._db = db
         self._videos = videos
@@ -67,9 +68,15 @@ class VideoService:
         self._cache = cache
         # The same entries as ``cache`` (same keys, same JSON text), handed out as the
         # text itself: a read answered from the cache is sent as stored, not decoded and
-        # encoded again.
+        # encoded again. The hot read: copies are kept in the process too (text cannot
+        # be changed by a caller, unlike ``cache``'s dicts).
         self._text_cache: ReadThroughCache[str] = ReadThroughCache(
-            kv, prefix=VIDEO_CACHE_PREFIX, encode=_same_text, decode=_same_text
+            kv,
+            prefix=VIDEO_CACHE_PREFIX,
+            encode=_same_text,
+            decode=_same_text,
+            invalidations=invalidations,
+            keep_local_copies=True,
         )
         self._to_json = to_json
         self._clock = clock
@@ -204,6 +211,6 @@ class VideoService:
                 )
         await self._cache.invalidate(video_id)
         # stream_service's cached view too: a deleted video stops streaming at once.
-        await self._kv.delete(stream_cache_key(video_id))
+        await forget_cached(self._kv, STREAM_CACHE_PREFIX, [video_id])
         if not deleted:
             raise video_not_found(video_id)

@@ -51,10 +51,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_service.jobs.blob_collector import BlobCollector
 from scheduler_service.repositories.deletions import DONE, DeletionRecord, DeletionRepository
+from shared.cache import forget_cached
 from shared.db import Database
 from shared.db.schema import blobs, metadata, videos
 from shared.kv import KeyValueStore
-from shared.layout import danmaku_bucket_keys, stream_cache_key, video_cache_key
+from shared.layout import STREAM_CACHE_PREFIX, VIDEO_CACHE_PREFIX, danmaku_bucket_keys
 
 logger = logging.getLogger(__name__)
 
@@ -224,13 +225,11 @@ class VideoDeletionRunner:
             await self._collector.collect(
                 record.content_hash, self._clock() - self._collector.grace
             )
-        keys: list[str] = []
         if "cache" in steps:
-            keys += [video_cache_key(record.video_id), stream_cache_key(record.video_id)]
+            for prefix in (VIDEO_CACHE_PREFIX, STREAM_CACHE_PREFIX):
+                await forget_cached(self._kv, prefix, [record.video_id])
         if "danmaku_redis" in steps:
-            keys += danmaku_bucket_keys(record.video_id)
-        if keys:
-            await self._kv.delete(*keys)
+            await self._kv.delete(*danmaku_bucket_keys(record.video_id))
         async with self._db.transaction() as conn:
             if not await self._deletions.mark_steps(
                 conn, record, steps, self._clock(), finished=True

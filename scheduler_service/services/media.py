@@ -30,10 +30,11 @@ import av
 from sqlalchemy import select, update
 
 from shared.blobs import BlobStore
+from shared.cache import forget_cached
 from shared.db import Database
 from shared.db.schema import blobs, videos
 from shared.kv import KeyValueStore
-from shared.layout import content_blob_key, thumbnail_key, video_cache_key
+from shared.layout import VIDEO_CACHE_PREFIX, content_blob_key, thumbnail_key
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ class MediaProcessor:
                     )
                 )
         if video_ids:
-            await self._kv.delete(*(video_cache_key(video_id) for video_id in video_ids))
+            await forget_cached(self._kv, VIDEO_CACHE_PREFIX, video_ids)
         logger.info(
             "media: %s is %s (%d videos)",
             content_hash,

@@ -1,8 +1,9 @@
 """Which bytes a video id streams: looked up once, then cached in Redis.
 
 The entry (content hash, size, time, media type) is what every range request needs, so
-it is read through the cache with jitter, negative entries and one loader per key; the
-api deletes it when the video is deleted, so a deleted video stops streaming at once.
+it is read through the cache with jitter, negative entries and one loader per key, and
+copied into the process while its invalidations are subscribed (shared.cache); the api
+invalidates it when the video is deleted, so a deleted video stops streaming at once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import orjson
 from sqlalchemy import select
 
 from shared.blobs import BlobStore
-from shared.cache import ReadThroughCache
+from shared.cache import CacheInvalidations, ReadThroughCache
 from shared.db import Database
 from shared.db.schema import videos
 from shared.kv import KeyValueStore
@@ -47,11 +48,26 @@ def _decode(raw: str) -> StreamableVideo:
 
 
 class VideoCatalog:
-    def __init__(self, *, db: Database, blobs: BlobStore, kv: KeyValueStore) -> None:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        blobs: BlobStore,
+        kv: KeyValueStore,
+        invalidations: CacheInvalidations | None = None,
+    ) -> None:
         self._db = db
         self._blobs = blobs
+        # Every range request of a film asks for the same entry: with ``invalidations``
+        # it is answered from a copy in this process (a dict lookup, not a Redis round
+        # trip) until the api or the scheduler invalidates it.
         self._cache: ReadThroughCache[StreamableVideo] = ReadThroughCache(
-            kv, prefix=STREAM_CACHE_PREFIX, encode=_encode, decode=_decode
+            kv,
+            prefix=STREAM_CACHE_PREFIX,
+            encode=_encode,
+            decode=_decode,
+            invalidations=invalidations,
+            keep_local_copies=True,
         )
 
     async def find(self, video_id: str) -> StreamableVideo | None:

@@ -1,14 +1,18 @@
-"""The read-through cache on both key-value adapters: avalanche, penetration, breakdown."""
+"""The read-through cache on both key-value adapters: avalanche, penetration, breakdown,
+and the local copies kept in a process while its invalidations are subscribed."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import orjson
 import pytest
 
-from shared.cache import ReadThroughCache
+from shared.cache import CacheInvalidations, ReadThroughCache, entry_key, forget_cached
 from shared.kv import KeyValueStore
 from tests.integration.conftest import OpenStore
 
@@ -32,7 +36,7 @@ class CountingLoader:
         return self.rows.get(key)
 
 
-def make_cache(kv: KeyValueStore, **options: float) -> ReadThroughCache[dict[str, str]]:
+def make_cache(kv: KeyValueStore, **options: Any) -> ReadThroughCache[dict[str, str]]:
     return ReadThroughCache(
         kv,
         prefix="video",
@@ -121,3 +125,111 @@ async def test_a_failing_load_is_not_cached_and_reaches_every_waiter(kv: KeyValu
     assert calls == 1
     assert await kv.get("cache:video:v9") is None
     assert await kv.get("cache:video:v9:lock") is None
+
+
+# -- local copies ------------------------------------------------------------------------
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Waits (bounded) for a pub/sub message to have been handled."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)  # a message from Redis: nothing here to await on
+    raise AssertionError(f"not within 5 s: {what}")
+
+
+@contextlib.asynccontextmanager
+async def replica(kv: KeyValueStore) -> AsyncIterator[tuple[ReadThroughCache[Any], Any]]:
+    """One process's cache with local copies, subscribed to its invalidations."""
+    invalidations = CacheInvalidations(kv)
+    cache = make_cache(kv, invalidations=invalidations, keep_local_copies=True)
+    async with invalidations.running():
+        await invalidations.wait_subscribed()
+        yield cache, invalidations
+
+
+async def overwrite_in_redis(kv: KeyValueStore, key: str, value: dict[str, str]) -> None:
+    """Changes the shared entry behind the cache's back (no invalidation published)."""
+    await kv.set(entry_key("video", key), orjson.dumps(value).decode(), ex=300)
+
+
+async def test_a_local_copy_answers_without_asking_redis(kv: KeyValueStore) -> None:
+    loader = CountingLoader({"v1": {"title": "Cats"}})
+    async with replica(kv) as (cache, _):
+        assert await cache.get("v1", lambda: loader("v1")) == {"title": "Cats"}
+        await overwrite_in_redis(kv, "v1", {"title": "changed behind its back"})
+        assert await cache.get("v1", lambda: loader("v1")) == {"title": "Cats"}
+    assert loader.calls == 1
+
+
+async def test_an_invalidation_anywhere_drops_every_replicas_copy(
+    open_store: OpenStore,
+) -> None:
+    """An edit or deletion made through one replica shows on the others."""
+    loader = CountingLoader({"v1": {"title": "Cats"}})
+    async with (
+        replica(await open_store("shared")) as (first, first_invalidations),
+        replica(await open_store("shared")) as (second, _),
+    ):
+        assert await first.get("v1", lambda: loader("v1")) == {"title": "Cats"}
+        assert await second.get("v1", lambda: loader("v1")) == {"title": "Cats"}
+        loader.rows["v1"] = {"title": "Dogs"}
+        seen = first_invalidations.generation
+        await second.invalidate("v1")
+        assert await second.get("v1", lambda: loader("v1")) == {"title": "Dogs"}
+        await until(lambda: first_invalidations.generation != seen, "invalidation received")
+        assert await first.get("v1", lambda: loader("v1")) == {"title": "Dogs"}
+
+
+async def test_forget_cached_reaches_local_copies(open_store: OpenStore) -> None:
+    """The scheduler's path: no cache object, just the prefix and the ids."""
+    loader = CountingLoader({"v1": {"title": "Cats"}, "v2": {"title": "Owls"}})
+    scheduler = await open_store("shared")
+    async with replica(await open_store("shared")) as (cache, invalidations):
+        for key in ("v1", "v2"):
+            await cache.get(key, lambda key=key: loader(key))  # type: ignore[misc]
+        loader.rows = {"v1": {"title": "gone"}, "v2": {"title": "gone too"}}
+        seen = invalidations.generation
+        await forget_cached(scheduler, "video", ["v1", "v2"])
+        await until(lambda: invalidations.generation >= seen + 2, "both invalidations received")
+        assert await cache.get("v1", lambda: loader("v1")) == {"title": "gone"}
+        assert await cache.get("v2", lambda: loader("v2")) == {"title": "gone too"}
+
+
+async def test_a_read_racing_an_invalidation_keeps_no_copy(open_store: OpenStore) -> None:
+    """A value loaded before an invalidation arrived may be the one it invalidated."""
+    loader = CountingLoader({"v1": {"title": "old"}})
+    loader.release.clear()
+    writer = await open_store("shared")
+    async with replica(await open_store("shared")) as (cache, invalidations):
+        reading = asyncio.create_task(cache.get("v1", lambda: loader("v1")))
+        await loader.started.wait()
+        seen = invalidations.generation
+        await forget_cached(writer, "video", ["v1"])
+        await until(lambda: invalidations.generation != seen, "invalidation received")
+        loader.release.set()
+        assert await reading == {"title": "old"}
+        await overwrite_in_redis(writer, "v1", {"title": "new"})
+        assert await cache.get("v1", lambda: loader("v1")) == {"title": "new"}
+
+
+async def test_no_local_copy_is_used_while_unsubscribed(kv: KeyValueStore) -> None:
+    loader = CountingLoader({"v1": {"title": "Cats"}})
+    invalidations = CacheInvalidations(kv)
+    cache = make_cache(kv, invalidations=invalidations, keep_local_copies=True)
+    async with invalidations.running():
+        await invalidations.wait_subscribed()
+        assert await cache.get("v1", lambda: loader("v1")) == {"title": "Cats"}
+    # Unsubscribed: an invalidation could be missed, so Redis is asked every time.
+    await overwrite_in_redis(kv, "v1", {"title": "Dogs"})
+    assert await cache.get("v1", lambda: loader("v1")) == {"title": "Dogs"}
+
+
+async def test_what_does_not_exist_is_not_copied(kv: KeyValueStore) -> None:
+    """A video published a moment ago is visible as soon as Redis knows it."""
+    loader = CountingLoader({})
+    async with replica(kv) as (cache, _):
+        assert await cache.get("v1", lambda: loader("v1")) is None
+        await overwrite_in_redis(kv, "v1", {"title": "Now I exist"})
+        assert await cache.get("v1", lambda: loader("v1")) == {"title": "Now I exist"}

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis
 
+from shared.cache import CacheInvalidations, ReadThroughCache, entry_key
 from shared.kv import KeyValueStore, KeyValueUnavailableError, open_kv
 from tests.private_servers import RedisServer
 
@@ -91,3 +92,39 @@ async def test_reads_succeed_when_the_server_just_closed_their_connection(
     assert await kv.hgetall("missing") == {}
     kill_clients(server)
     assert await kv.exists("after")
+
+
+async def test_local_cache_copies_survive_no_lost_connection(
+    kv: KeyValueStore, server: RedisServer
+) -> None:
+    """Invalidations sent while a process's subscription was down are lost to it: when
+    it resubscribes it must have dropped every local copy, not keep answering with one."""
+    invalidations = CacheInvalidations(kv, resubscribe_seconds=0.05)
+    cache: ReadThroughCache[str] = ReadThroughCache(
+        kv,
+        prefix="video",
+        encode=str,
+        decode=str,
+        invalidations=invalidations,
+        keep_local_copies=True,
+    )
+
+    async def load_old() -> str:
+        return "old"
+
+    async with invalidations.running():
+        await invalidations.wait_subscribed()
+        assert await cache.get("v1", load_old) == "old"
+        subscribed_as = invalidations.generation
+        with redis.Redis(host="127.0.0.1", port=server.port) as admin:
+            admin.client_kill_filter(_type="pubsub")
+        # Meanwhile the entry changed, and its invalidation reached nobody.
+        await kv.set(entry_key("video", "v1"), "new", ex=300)
+        for _ in range(500):  # until the subscriber has seen its connection go
+            if invalidations.generation != subscribed_as:
+                break
+            await asyncio.sleep(0.01)  # the store's task notices on its own
+        else:
+            raise AssertionError("the subscriber never noticed its connection was closed")
+        await invalidations.wait_subscribed()
+        assert await cache.get("v1", load_old) == "new"
