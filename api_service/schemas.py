@@ -242,7 +242,7 @@ def parse_new_danmaku(body: Any, *, allowed: frozenset[str] | None = None) -> Ne
         errors.append({"field": "offset_ms", "problem": f"0-{MAX_OFFSET_MS}"})
     content = _text_field(data, "content", errors, minimum=1, maximum=DANMAKU_MAX)
     mode = data.get("mode")
-    if mode not in DANMAKU_MODES:
+    if not isinstance(mode, str) or mode not in DANMAKU_MODES:
         errors.append({"field": "mode", "problem": "scroll, top or bottom"})
     color = data.get("color")
     if not isinstance(color, str) or not _COLOR_RE.match(color):

@@ -126,6 +126,8 @@ async def test_validation(any_stack: Stack) -> None:
         body(0, "   "),
         body(0, "x" * 101),
         body(0, mode="sideways"),
+        body(0, mode={"not": "hashable"}),  # found by the fuzzer: was a 500
+        body(0, mode=["scroll"]),
         body(0, color="red"),
         body(0, color="#12345"),
         body(0, extra="no"),
