@@ -31,7 +31,9 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
+import uvloop
 from aiohttp import web
 
 from shared.errors import ConfigError
@@ -47,6 +49,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # WebSockets closed by on_shutdown to end and a returned response to be written out; a
 # request that overran the timeout is cancelled after it (aiohttp may wait twice this).
 FINAL_GRACE_SECONDS = 1.0
+EventLoop = Literal["uvloop", "asyncio"]
 
 
 def load_settings_or_exit(service: str) -> Settings:
@@ -64,8 +67,16 @@ def run_service(
     port: Callable[[Settings], int],
     *,
     handler_cancellation: bool = False,
+    event_loop: EventLoop = "uvloop",
 ) -> None:
-    """Run ``service`` until SIGINT/SIGTERM, then drain and shut down gracefully."""
+    """Run ``service`` until SIGINT/SIGTERM, then drain and shut down gracefully.
+
+    ``event_loop``: uvloop where the process relays requests and small answers (its
+    transports and parser glue are C: less CPU per request), asyncio's own where it
+    serves files, since only asyncio's loop has ``sendfile`` (uvloop would copy every
+    byte through Python, ../shared/PERF-NOTES.md). ``VOD_UVLOOP=0`` runs the standard
+    loop everywhere.
+    """
     settings = load_settings_or_exit(service)
     configure_logging(service, settings.log_level)
     try:
@@ -73,7 +84,11 @@ def run_service(
     except ConfigError as error:
         print(f"{service}: configuration error: {error}", file=sys.stderr)  # noqa: T201
         raise SystemExit(EXIT_CONFIG_ERROR) from None
-    asyncio.run(serve(app, settings, port(settings), handler_cancellation=handler_cancellation))
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if event_loop == "uvloop" and settings.uvloop:
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve(app, settings, port(settings), handler_cancellation=handler_cancellation))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +124,7 @@ async def serve_all(
         for item in served:
             runner = _Runner(
                 item.app,
-                access_log=None,  # observe_middleware logs every request as JSON
+                access_log=None,  # service_middleware logs every request as JSON
                 shutdown_timeout=FINAL_GRACE_SECONDS,
                 handler_cancellation=item.handler_cancellation,
                 **server_options(item.app),

@@ -1,16 +1,21 @@
-"""What every vod HTTP app shares: middlewares, problem documents, health and metrics.
+"""What every vod HTTP app shares: its middleware, problem documents, health and metrics.
 
-Middlewares, outermost first (the order matters):
+One middleware (``service_middleware``) does, outermost first (the order matters):
 
-1. ``lifecycle_middleware``   counts the requests in flight, which a shutdown waits for,
-   and closes each connection after its response while the process is draining.
-2. ``request_id_middleware``  takes or makes the request id; every log line and every
-   response carries it.
-3. ``observe_middleware``     times the request, counts it by route and status, logs it.
-4. ``error_middleware``       the one place that turns exceptions into RFC 9457 problem
-   documents; an unexpected exception is logged once and answered as a bare 500.
-5. ``internal_token_middleware`` (upstream services only) refuses any request that did
-   not come through the gateway, except health and metrics.
+1. **lifecycle**: counts the requests in flight, which a shutdown waits for, and closes
+   each connection after its response while the process is draining;
+2. **request id**: takes or makes the request id; every log line and every response
+   carries it;
+3. **observe**: times the request, counts it by route and status, logs it;
+4. **errors**: the one place that turns exceptions into RFC 9457 problem documents; an
+   unexpected exception is logged once and answered as a bare 500;
+5. **internal token** (upstream services only): refuses any request that did not come
+   through the gateway, except health and metrics.
+
+One coroutine rather than five middlewares: every layer is a frame that each resumption
+of the handler passes through (several per proxied request), ≈ 1-2 µs apiece, and on the
+gateway's hot path that was a measurable share of a cached read (docs/ARCHITECTURE.md,
+"Performance work"). Middlewares an app adds itself (the gateway's CORS) run inside it.
 """
 
 from __future__ import annotations
@@ -212,122 +217,12 @@ class _RequestIds:
 _request_ids = _RequestIds()
 
 
-@web.middleware
-async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    incoming = request.headers.get(REQUEST_ID_HEADER)
-    if incoming is not None and _REQUEST_ID_RE.match(incoming):
-        request_id = incoming
-    else:
-        request_id = _request_ids.next()
-    request[REQUEST_ID] = request_id
-    token = request_id_var.set(request_id)
-    try:
-        return await handler(request)
-    finally:
-        request_id_var.reset(token)
-
-
 async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
     # A signal rather than the middleware: streamed responses send their headers from
     # inside the handler, before any middleware sees the response.
     request_id = request.get(REQUEST_ID)
     if request_id is not None:
         response.headers[REQUEST_ID_HEADER] = request_id
-
-
-@web.middleware
-async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    metrics = request.app[METRICS]
-    started = time.perf_counter()
-    status = 500
-    metrics.in_flight_now.inc()
-    try:
-        response = await handler(request)
-    except asyncio.CancelledError:
-        status = 499  # the client went away (nginx's convention)
-        raise
-    else:
-        status = response.status
-        return response
-    finally:
-        elapsed = time.perf_counter() - started
-        route = route_label(request)
-        metrics.in_flight_now.dec()
-        metrics.observe(route, request.method, status, elapsed)
-        # The check first: the log line's arguments are not built when INFO is off.
-        if logger.isEnabledFor(logging.INFO) and request.path not in UNGUARDED_PATHS:
-            logger.info(
-                "%s %s %s",
-                request.method,
-                request.path,
-                status,
-                extra={"route": route, "status": status, "ms": round(elapsed * 1000, 2)},
-            )
-
-
-_HTTP_CODES = {
-    400: "bad_request",
-    404: "route_not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-}
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except AppError as error:
-        return app_error_response(error)
-    except DatabaseUnavailableError as error:
-        # The database port raises a plain exception (it knows nothing of HTTP): an
-        # outage is a 503 the client may retry, not an internal error.
-        logger.warning("database unavailable in %s %s: %s", request.method, request.path, error)
-        return app_error_response(unavailable("database"))
-    except web.HTTPException as exc:
-        if exc.status < 400:  # noqa: PLR2004 - redirects and successes pass through
-            raise
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        detail = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
-        if exc.status == 404:  # noqa: PLR2004
-            detail = f"No route for {request.method} {request.path}"
-        return problem_response(
-            status=exc.status,
-            code=_HTTP_CODES.get(exc.status, f"http_{exc.status}"),
-            title=exc.reason,
-            detail=detail,
-            headers=headers,
-        )
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        # Logged once here, with the request id; the client learns nothing of the inside.
-        logger.exception("unhandled error in %s %s", request.method, request.path)
-        return problem_response(
-            status=500,
-            code="internal_error",
-            title="Internal Server Error",
-            detail="An unexpected error occurred; quote the request id when reporting it.",
-        )
-
-
-def internal_token_middleware(token: str) -> Middleware:
-    """Refuses requests that lack the gateway's shared secret (health and metrics excepted)."""
-    expected = token.encode()
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in UNGUARDED_PATHS:
-            presented = request.headers.get(INTERNAL_TOKEN_HEADER, "").encode()
-            if not hmac.compare_digest(presented, expected):
-                raise ForbiddenError(
-                    "This service only answers requests that come through the gateway.",
-                    code="internal_token_required",
-                )
-        return await handler(request)
-
-    return middleware
 
 
 class Lifecycle:
@@ -363,26 +258,127 @@ class Lifecycle:
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 
 
-@web.middleware
-async def lifecycle_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Counts the requests a shutdown waits for; while draining, every response closes its
-    connection, so a keep-alive client (the gateway's pool) opens a new one, which lands on
-    another replica once this one's door is closed.
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "route_not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
 
-    WebSockets are not counted: they end only when closed, which each app's
-    ``on_shutdown`` does once the door is closed.
-    """
-    lifecycle = request.app[LIFECYCLE]
-    connection = request.protocol
-    counted = request.headers.get("Upgrade", "").lower() != "websocket"
-    lifecycle.request_started(connection, counted=counted)
-    try:
-        response = await handler(request)
-    finally:
-        lifecycle.request_finished(connection, counted=counted)
-    if lifecycle.draining:
-        response.force_close()
-    return response
+
+def service_middleware(internal_token: str | None) -> Middleware:
+    """The middleware of every vod app (the module's docstring); ``internal_token``: the
+    shared secret every request but health and metrics must carry (None: not checked)."""
+    expected = internal_token.encode() if internal_token is not None else None
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        app = request.app
+        lifecycle = app[LIFECYCLE]
+        connection = request.protocol
+        # WebSockets are not counted: they end only when closed, which each app's
+        # on_shutdown does once the door is closed.
+        counted = request.headers.get("Upgrade", "").lower() != "websocket"
+        lifecycle.request_started(connection, counted=counted)
+        incoming = request.headers.get(REQUEST_ID_HEADER)
+        if incoming is not None and _REQUEST_ID_RE.match(incoming):
+            request_id = incoming
+        else:
+            request_id = _request_ids.next()
+        request[REQUEST_ID] = request_id
+        context = request_id_var.set(request_id)
+        metrics = app[METRICS]
+        started = time.perf_counter()
+        status = 500
+        metrics.in_flight_now.inc()
+        try:
+            try:
+                if expected is not None and request.path not in UNGUARDED_PATHS:
+                    _check_internal_token(request, expected)
+                response = await handler(request)
+            except (asyncio.CancelledError, ConnectionResetError):
+                raise
+            except Exception as error:  # noqa: BLE001 - every kind is answered below
+                response = _problem_for(request, error)
+            status = response.status
+        except asyncio.CancelledError:
+            status = 499  # the client went away (nginx's convention)
+            raise
+        finally:
+            _observe(request, metrics, status, time.perf_counter() - started)
+            request_id_var.reset(context)
+            lifecycle.request_finished(connection, counted=counted)
+        if lifecycle.draining:
+            # While draining, every response closes its connection, so a keep-alive
+            # client (the gateway's pool) opens a new one, which lands on another
+            # replica once this one's door is closed.
+            response.force_close()
+        return response
+
+    return middleware
+
+
+def _check_internal_token(request: web.Request, expected: bytes) -> None:
+    presented = request.headers.get(INTERNAL_TOKEN_HEADER, "").encode()
+    if not hmac.compare_digest(presented, expected):
+        raise ForbiddenError(
+            "This service only answers requests that come through the gateway.",
+            code="internal_token_required",
+        )
+
+
+def _observe(request: web.Request, metrics: HttpMetrics, status: int, elapsed: float) -> None:
+    route = route_label(request)
+    metrics.in_flight_now.dec()
+    metrics.observe(route, request.method, status, elapsed)
+    # The check first: the log line's arguments are not built when INFO is off.
+    if logger.isEnabledFor(logging.INFO) and request.path not in UNGUARDED_PATHS:
+        logger.info(
+            "%s %s %s",
+            request.method,
+            request.path,
+            status,
+            extra={"route": route, "status": status, "ms": round(elapsed * 1000, 2)},
+        )
+
+
+def _problem_for(request: web.Request, error: Exception) -> web.StreamResponse:
+    """The answer to a handler's ``error``: a problem document (or the redirect or
+    success an ``HTTPException`` stands for, re-raised for aiohttp to send)."""
+    if isinstance(error, AppError):
+        return app_error_response(error)
+    if isinstance(error, DatabaseUnavailableError):
+        # The database port raises a plain exception (it knows nothing of HTTP): an
+        # outage is a 503 the client may retry, not an internal error.
+        logger.warning("database unavailable in %s %s: %s", request.method, request.path, error)
+        return app_error_response(unavailable("database"))
+    if isinstance(error, web.HTTPException):
+        if error.status < 400:  # noqa: PLR2004 - redirects and successes pass through
+            raise error
+        headers = {k: v for k, v in error.headers.items() if k.lower() in ("allow", "retry-after")}
+        detail = (
+            error.text
+            if error.text and not error.text.startswith(str(error.status))
+            else error.reason
+        )
+        if error.status == 404:  # noqa: PLR2004
+            detail = f"No route for {request.method} {request.path}"
+        return problem_response(
+            status=error.status,
+            code=_HTTP_CODES.get(error.status, f"http_{error.status}"),
+            title=error.reason,
+            detail=detail,
+            headers=headers,
+        )
+    # Logged once here, with the request id; the client learns nothing of the inside.
+    logger.error("unhandled error in %s %s", request.method, request.path, exc_info=error)
+    return problem_response(
+        status=500,
+        code="internal_error",
+        title="Internal Server Error",
+        detail="An unexpected error occurred; quote the request id when reporting it.",
+    )
 
 
 def _draining_response() -> web.Response:
@@ -449,16 +445,9 @@ def create_base_app(
     Each service's ``create_app`` starts here, adds its routes, its ``cleanup_ctx`` and
     its readiness checks (``app[READINESS_CHECKS]["db"] = ...``).
     """
-    middlewares: list[Middleware] = [
-        lifecycle_middleware,
-        request_id_middleware,
-        observe_middleware,
-        error_middleware,
-    ]
-    if require_internal_token:
-        middlewares.append(internal_token_middleware(settings.internal_token))
+    token = settings.internal_token if require_internal_token else None
     app = web.Application(
-        middlewares=middlewares,
+        middlewares=[service_middleware(token)],
         client_max_size=client_max_size or settings.max_json_bytes,
     )
     app[SETTINGS] = settings
@@ -497,8 +486,8 @@ async def read_json(request: web.Request) -> Any:
 def request_identity(request: web.Request) -> Identity | None:
     """The caller the gateway verified, or None when anonymous.
 
-    Only meaningful behind ``internal_token_middleware``: the headers are trusted because
-    nobody but the gateway can reach this service with the internal token.
+    Only meaningful behind ``service_middleware``'s internal-token check: the headers are
+    trusted because nobody but the gateway can reach this service with the internal token.
     """
     return Identity.from_headers(request.headers)
 
