@@ -204,14 +204,20 @@ class Server:
                 self.popen.wait()
 
 
+# Variables of the bench's own environment handed to the servers it starts.
+PASSED_THROUGH: Final = ("VOD_UVLOOP",)
+
+
 def start(name: str, argv: list[str], env: Mapping[str, str], url: str, work: Path) -> Server:
-    """``argv`` in the repository with only ``env`` (and PATH); output to ``work/name.log``."""
+    """``argv`` in the repository with only ``env`` (and PATH, and ``VOD_UVLOOP`` when set,
+    to compare event loops); output to ``work/name.log``."""
     log_path = work / f"{name}.log"
+    passed = {k: os.environ[k] for k in PASSED_THROUGH if k in os.environ}
     with log_path.open("wb") as log:
         popen = subprocess.Popen(
             argv,
             cwd=ROOT,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **passed, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -91,6 +91,9 @@ class Settings:
     shutdown_drain_seconds: float = 0.0
     shutdown_timeout: float = 30.0
     log_level: str = "INFO"
+    # The gateway, the api and the scheduler run on uvloop unless this is off (the
+    # standard loop, to rule uvloop out when chasing a problem); see shared.runner.
+    uvloop: bool = True
     # Argon2id cost; the defaults are argon2-cffi's (RFC 9106 "low memory"). Tests lower them.
     argon2_time_cost: int = 3
     argon2_memory_kib: int = 65536
@@ -164,6 +167,7 @@ class Settings:
             ),
             shutdown_timeout=reader.parse("VOD_SHUTDOWN_TIMEOUT", "30", _positive_float),
             log_level=reader.parse("VOD_LOG_LEVEL", "INFO", _log_level),
+            uvloop=reader.parse("VOD_UVLOOP", "1", _bool),
             argon2_time_cost=reader.parse("VOD_ARGON2_TIME_COST", "3", _positive_int),
             argon2_memory_kib=reader.parse("VOD_ARGON2_MEMORY_KIB", "65536", _positive_int),
             login_max_failures=reader.parse("VOD_LOGIN_MAX_FAILURES", "10", _positive_int),
