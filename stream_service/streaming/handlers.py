@@ -15,7 +15,7 @@ from shared.web import problem_response
 from stream_service.keys import CATALOG, LIMITER, OPEN_FILES, STREAM_METRICS
 from stream_service.streaming.catalog import StreamableVideo
 from stream_service.streaming.ranges import Outcome, decide, strong_etag
-from stream_service.streaming.send import send_range
+from stream_service.streaming.send import RangeResponse, send_range
 
 # Content-addressed bytes never change: caches and browsers may keep them for a year.
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -72,7 +72,7 @@ async def stream_video(request: web.Request) -> web.StreamResponse:
             detail=f"The video has {video.size} bytes; no requested range lies within them.",
             headers=headers | {"Content-Range": f"bytes */{video.size}"},
         )
-    response = web.StreamResponse(status=decision.outcome.value, headers=headers)
+    response = RangeResponse(status=decision.outcome.value, headers=headers)
     response.content_type = video.media_type
     response.content_length = decision.length
     if decision.outcome is Outcome.PARTIAL:
