@@ -112,10 +112,18 @@ async def _whole_response(upstream: ClientResponse, service: Service) -> web.Res
     )
 
 
+class RelayedResponse(web.StreamResponse):
+    """Headers held at ``prepare`` and sent with the first piece of the body, in one
+    ``send``: a segment of headers alone costs the client one more wake-up."""
+
+    # aiohttp's own switch (its ``web.Response`` holds headers for its body the same way).
+    _send_headers_immediately = False
+
+
 async def _relay_response(
     request: web.Request, upstream: ClientResponse, service: Service
 ) -> web.StreamResponse:
-    response = web.StreamResponse(
+    response = RelayedResponse(
         status=upstream.status,
         reason=upstream.reason,
         headers=client_response_headers(upstream.headers),
