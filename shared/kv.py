@@ -75,6 +75,10 @@ TTL_PERSISTENT = -1
 # not wait out the kernel's TCP timeouts. URL query options override these.
 CONNECT_TIMEOUT = 2.0
 SOCKET_TIMEOUT = 5.0
+# Connections per process. A command finding them all busy waits for one (up to
+# SOCKET_TIMEOUT) instead of failing: redis-py's default pool raised "Too many
+# connections", a 503 for every request of a burst past 100 commands in flight.
+POOL_CONNECTIONS = 100
 
 _SCAN_BATCH = 500
 _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
@@ -398,8 +402,10 @@ async def open_kv(url: str, namespace: str) -> KeyValueStore:
     """
     parts = urlsplit(url)
     if parts.scheme in ("redis", "rediss"):
-        client = redis.asyncio.Redis.from_url(
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
             url,
+            max_connections=POOL_CONNECTIONS,
+            timeout=SOCKET_TIMEOUT,
             decode_responses=True,
             socket_connect_timeout=CONNECT_TIMEOUT,
             socket_timeout=SOCKET_TIMEOUT,
@@ -409,7 +415,8 @@ async def open_kv(url: str, namespace: str) -> KeyValueStore:
             # command. They are a managed-Redis feature a plain server does not send.
             maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
-        return KeyValueStore(client, namespace)
+        # from_pool: the client owns the pool and closes it with itself.
+        return KeyValueStore(redis.asyncio.Redis.from_pool(pool), namespace)
     if parts.scheme == "memory":
         if parts.path not in ("", "/") or parts.query:
             raise ConfigError("VOD_REDIS_URL", "a memory:// URL is just memory://NAME")
@@ -421,7 +428,13 @@ async def open_kv(url: str, namespace: str) -> KeyValueStore:
         server = _memory_servers.get(name)
         if server is None:
             server = _memory_servers[name] = fakeredis.FakeServer()
-        client = fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
+        client = fakeredis.FakeAsyncRedis(
+            server=server,
+            decode_responses=True,
+            # The same waiting pool as for a real server (see POOL_CONNECTIONS).
+            connection_pool_class=redis.asyncio.BlockingConnectionPool,
+            max_connections=POOL_CONNECTIONS,
+        )
         return KeyValueStore(client, namespace)
     raise ConfigError(
         "VOD_REDIS_URL", f"scheme {parts.scheme or '(none)'!r} is not redis, rediss or memory"

@@ -16,6 +16,7 @@ import pytest
 
 from shared.errors import ConfigError, ServiceUnavailableError
 from shared.kv import (
+    POOL_CONNECTIONS,
     TTL_MISSING,
     TTL_PERSISTENT,
     KeyValueError,
@@ -37,6 +38,14 @@ def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+async def test_a_burst_past_the_pool_waits_for_connections(kv: KeyValueStore) -> None:
+    """Three times as many commands in flight as the pool has connections (a burst of
+    danmaku at a busy api): they queue for a connection, none fails."""
+    burst = 3 * POOL_CONNECTIONS
+    counts = await asyncio.gather(*(kv.incr("burst") for _ in range(burst)))
+    assert sorted(counts) == list(range(1, burst + 1))
 
 
 async def test_set_get_delete(kv: KeyValueStore) -> None:
