@@ -311,7 +311,13 @@ class ReadThroughCache(Generic[T]):
     async def invalidate(self, key: str) -> None:
         """Forget ``key`` (positive or negative entry) in Redis and in every process's
         local copies; the next read loads it again."""
-        await forget_cached(self._kv, self._prefix, [key])
         if self._invalidations is not None:
-            # Here at once: this process's next read must not wait for the message.
+            # Here at once, even should Redis fail below: this process's next read must
+            # not wait for the message.
             self._invalidations.forget(self._prefix, key)
+        try:
+            await forget_cached(self._kv, self._prefix, [key])
+        finally:
+            if self._invalidations is not None:
+                # Again: a read that began before the Redis entry went may have copied it.
+                self._invalidations.forget(self._prefix, key)

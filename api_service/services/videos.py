@@ -209,8 +209,11 @@ class VideoService:
                         },
                     ),
                 )
-        await self._cache.invalidate(video_id)
-        # stream_service's cached view too: a deleted video stops streaming at once.
-        await forget_cached(self._kv, STREAM_CACHE_PREFIX, [video_id])
+        try:
+            await self._cache.invalidate(video_id)
+        finally:
+            # stream_service's cached view too, whatever became of the first: a deleted
+            # video stops streaming at once.
+            await forget_cached(self._kv, STREAM_CACHE_PREFIX, [video_id])
         if not deleted:
             raise video_not_found(video_id)
