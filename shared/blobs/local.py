@@ -269,7 +269,10 @@ class LocalBlobStore:
         except asyncio.CancelledError:
             await _settle(future)
             if not future.cancelled() and future.exception() is None:
-                release(future.result())
+                # Best effort: the caller is unwinding with its cancellation, which an
+                # error here must not replace.
+                with contextlib.suppress(OSError):
+                    release(future.result())
             raise
 
     def _delete(self, path: Path) -> bool:
