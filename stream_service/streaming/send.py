@@ -117,12 +117,18 @@ async def _sendfile(
                 # The offset is explicit: the open file is shared with other requests.
                 sent = _send_at_once(transport, handle.fileno(), offset, count)
                 if sent < count:
+                    if transport.is_closing():
+                        raise ConnectionResetError("the client went away")
                     # asyncio flushes what the transport buffered (headers that did
                     # not leave at once) before handing over, and waits for the
                     # socket to take the rest: a slow reader pauses us here.
-                    await loop.sendfile(
-                        transport, handle, offset + sent, count - sent, fallback=False
-                    )
+                    try:
+                        await loop.sendfile(
+                            transport, handle, offset + sent, count - sent, fallback=False
+                        )
+                    except (BrokenPipeError, ConnectionAbortedError) as exc:
+                        # The viewer hung up mid-range: not a server error.
+                        raise ConnectionResetError("the client went away") from exc
                 offset += count
                 on_bytes(count)
     except FileNotFoundError:
