@@ -134,9 +134,11 @@ async def _relay_response(
             try:
                 chunk = await upstream.content.readany()
             except (ClientError, TimeoutError) as exc:
-                # The status line is already out: a problem document now would be
-                # appended to a half-sent body. Cutting the connection is the only
-                # honest signal left; the client sees a short body and can retry.
+                # The response has started (its headers leave with the first piece, so
+                # they may still be held, but aiohttp has prepared it): a problem
+                # document now could follow part of a body. Cutting the connection is
+                # the only honest signal left; the client sees a short or no answer
+                # and can retry.
                 logger.warning(
                     "%s failed mid-body (%r); aborting the client connection", service, exc
                 )
