@@ -11,6 +11,7 @@ makes fail on purpose is logged by the browser as an error.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
@@ -196,10 +197,11 @@ ContextFactory = Callable[..., Awaitable[BrowserContext]]
 
 def _subscribe_early(page: Page) -> None:
     """Playwright asks the browser for a page's events without waiting for the answer, so
-    an ``expect_file_chooser()`` or ``expect_response()`` right before the key press or
-    click that causes the event can be overtaken by it (a chooser opened by Space was
-    missed once in CI). Subscribed when the page opens, they are in place long before."""
-    for event in ("filechooser", "response"):
+    an ``expect_file_chooser()`` or ``expect_response()`` (or a ``page.on("request")``)
+    right before the key press or click that causes the event can be overtaken by it (a
+    chooser opened by Space was missed once in CI, a resumed chunk's PUT once here).
+    Subscribed when the page opens, they are in place long before."""
+    for event in ("filechooser", "request", "response"):
         page.on(event, lambda _event: None)
 
 
@@ -543,6 +545,9 @@ async def test_keyboard_only(  # noqa: PLR0915 - one visit, key by key
     clip.write_bytes(playable_mp4(256 * 1024, seed=4))
     await tab_to(page, page.get_by_role("link", name="Upload"), "Shift+Tab")
     await keys.press("Enter")
+    # The new view moves the focus to its heading; a Tab pressed before that would be
+    # overtaken by it.
+    await expect(page.get_by_role("heading", name="Upload a video")).to_be_focused()
     await tab_to(page, page.get_by_label("Video file"))
     async with page.expect_file_chooser() as chooser:
         await keys.press("Space")
@@ -680,8 +685,15 @@ async def test_phone_layout_resume_refresh_and_expiry(
     async with page.expect_response("**/api/v1/sessions/refresh") as refreshed:
         await page.clock.fast_forward("14:30")
     assert (await refreshed.value).status == 200
-    after = await page.evaluate("JSON.parse(localStorage['vod.session']).refresh_token")
-    assert after != before
+    # The response event fires on its headers; the page stores the new pair once it has
+    # read the body, a moment later (polled from here: the page's own timers are frozen).
+    stored = "JSON.parse(localStorage['vod.session']).refresh_token"
+    for _ in range(100):
+        if await page.evaluate(stored) != before:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the refreshed session was never stored")
 
     # Resume: chunk 1 cannot get through, the page is reloaded mid-upload, the same file
     # is picked again, and only the missing chunk is sent.
