@@ -30,7 +30,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Final, Generic, TypeVar
 
 from shared.kv import KeyValueError, KeyValueStore
@@ -174,7 +174,7 @@ class CacheInvalidations:
             await asyncio.sleep(self._resubscribe_seconds)
 
     @contextlib.asynccontextmanager
-    async def running(self) -> Any:
+    async def running(self) -> AsyncIterator[CacheInvalidations]:
         """``run()`` as a task for the duration of the block."""
         task = asyncio.create_task(self.run(), name="cache-invalidations")
         try:

@@ -24,6 +24,7 @@ from tests.integration.test_scheduler_backends import (
     Recorder,
     open_backends,
 )
+from tests.rows import add_video
 
 FAST_RETRY = (0.02, 0.05)
 BATCH = 50
@@ -40,40 +41,14 @@ async def backends(
 @pytest.fixture
 async def video_ids(backends: Backends) -> AsyncIterator[tuple[str, str]]:
     """A live video and a soft-deleted one, removed with their danmaku afterwards."""
-    now = datetime.now(UTC)
-    user_id, live, deleted = new_id(), new_id(), new_id()
-    async with backends.db.transaction() as conn:
-        await conn.execute(
-            users.insert().values(
-                id=user_id,
-                username=f"u{user_id[-10:]}",
-                username_key=f"u{user_id[-10:]}".lower(),
-                password_hash="x",
-                created_at=now,
-            )
-        )
-        for video_id, deleted_at in ((live, None), (deleted, now)):
-            await conn.execute(
-                videos.insert().values(
-                    id=video_id,
-                    owner_id=user_id,
-                    upload_id=new_id(),
-                    title="t",
-                    description="",
-                    content_hash="0" * 64,
-                    size=1,
-                    filename="f",
-                    status="ready",
-                    created_at=now,
-                    updated_at=now,
-                    deleted_at=deleted_at,
-                )
-            )
+    live_owner, live = await add_video(backends.db)
+    deleted_owner, deleted = await add_video(backends.db, deleted=True)
     yield live, deleted
     async with backends.db.transaction() as conn:
         await conn.execute(delete(danmaku).where(danmaku.c.video_id.in_([live, deleted])))
-        await conn.execute(delete(videos).where(videos.c.owner_id == user_id))
-        await conn.execute(delete(users).where(users.c.id == user_id))
+        owners = [live_owner, deleted_owner]
+        await conn.execute(delete(videos).where(videos.c.owner_id.in_(owners)))
+        await conn.execute(delete(users).where(users.c.id.in_(owners)))
 
 
 def created(video_id: str, offset: int, **overrides: Any) -> Event:
