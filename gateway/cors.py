@@ -2,7 +2,8 @@
 
 Front ends on other origins call the gateway directly (DESIGN "Public HTTP API"), so the
 gateway is the one place that speaks CORS; whatever ``Access-Control-*`` header an
-upstream sends is dropped and replaced by the gateway's policy.
+upstream sends is dropped on the way (``gateway.proxy.headers``) and replaced by the
+gateway's policy.
 
 - ``VOD_CORS_ORIGINS`` lists the allowed origins (``*`` allows any). An empty list (the
   default) turns CORS off: no CORS header on any response, and every preflight is refused.
@@ -87,7 +88,6 @@ EXPOSED_RESPONSE_HEADERS: Final = (
 # How long a browser may reuse a preflight's answer (Chromium caps it at 2 h anyway).
 PREFLIGHT_MAX_AGE_SECONDS: Final = 600
 
-_AC_PREFIX: Final = "access-control-"
 _ALLOW_METHODS_VALUE: Final = ", ".join(ALLOWED_METHODS)
 _ALLOW_HEADERS_VALUE: Final = ", ".join(ALLOWED_REQUEST_HEADERS)
 _EXPOSE_HEADERS_VALUE: Final = ", ".join(EXPOSED_RESPONSE_HEADERS)
@@ -139,12 +139,6 @@ class CorsPolicy:
             if not _under_api(request) or response.status == 101:  # noqa: PLR2004 - upgrades
                 return
             preflight = _is_preflight(request)
-            if not preflight:
-                # Proxied: the policy is the gateway's, never an upstream's.
-                for name in {n for n in response.headers if n.lower().startswith(_AC_PREFIX)}:
-                    response.headers.popall(name)
-            if not self.enabled:
-                return
             _add_vary(response, hdrs.ORIGIN)
             origin = request.headers.get(hdrs.ORIGIN)
             if origin is None or not self.allows(origin):
@@ -167,7 +161,10 @@ def install(app: web.Application, origins: tuple[str, ...]) -> None:
     """
     policy = CorsPolicy(origins)
     app.middlewares.append(policy.middleware())
-    app.on_response_prepare.append(policy.response_signal())
+    if policy.enabled:
+        # Off, no response gets a CORS header: nothing to stamp (an upstream's own are
+        # dropped by the proxy whether CORS is on or off).
+        app.on_response_prepare.append(policy.response_signal())
 
 
 def _is_preflight(request: web.Request) -> bool:

@@ -68,6 +68,10 @@ _WEBSOCKET_HANDSHAKE: Final = frozenset(
 # An upstream has no business telling a client the shared secret, even by mistake.
 _RESPONSE_DROPPED: Final = frozenset({INTERNAL_TOKEN_HEADER.lower()})
 
+# The CORS policy is the gateway's alone (``gateway.cors`` adds its own headers): an
+# upstream's ``Access-Control-*`` headers never reach a client, whether CORS is on or off.
+CORS_HEADER_PREFIX: Final = "access-control-"
+
 # The unions each direction drops, built once rather than on every request.
 _REQUEST_DROPPED: Final = HOP_BY_HOP | _GATEWAY_OWNED | _REQUEST_ONLY_DROPPED
 _WEBSOCKET_REQUEST_DROPPED: Final = _REQUEST_DROPPED | _WEBSOCKET_HANDSHAKE
@@ -120,6 +124,7 @@ def client_response_headers(upstream_headers: CIMultiDictProxy[str]) -> CIMultiD
     dropped = _dropped(upstream_headers, _RESPONSE_HOP_DROPPED)
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream_headers.items():
-        if name.lower() not in dropped:
+        lowered = name.lower()
+        if lowered not in dropped and not lowered.startswith(CORS_HEADER_PREFIX):
             headers.add(name, value)
     return headers

@@ -120,15 +120,19 @@ async def test_without_origins_cors_is_off(gateway: GatewayFactory, upstreams: U
     assert [seen.method for seen in upstreams.api.seen] == ["GET", "OPTIONS"]
 
 
-async def test_proxied_responses_carry_the_gateways_policy_only(
-    gateway: GatewayFactory, upstreams: Upstreams
-) -> None:
+# A short body is relayed whole, a long one streamed (gateway.proxy.forward): both paths.
+RELAYED_BODIES = pytest.mark.parametrize(
+    "body", [b"0123456789", bytes(range(256)) * 1024], ids=["whole", "streamed"]
+)
+
+
+def serve_with_upstream_cors(body: bytes) -> Callable[[web.Request], Any]:
     async def serve(_request: web.Request) -> web.Response:
         return web.Response(
             status=206,
-            body=b"0123456789",
+            body=body,
             headers={
-                "Content-Range": "bytes 0-9/100",
+                "Content-Range": f"bytes 0-{len(body) - 1}/{len(body) * 2}",
                 "ETag": '"abc"',
                 "Vary": "Accept-Encoding",
                 # An upstream must not widen the policy.
@@ -137,13 +141,22 @@ async def test_proxied_responses_carry_the_gateways_policy_only(
             },
         )
 
-    upstreams.stream.app.router.add_get("/api/v1/videos/{id}/stream", serve)
+    return serve
+
+
+@RELAYED_BODIES
+async def test_proxied_responses_carry_the_gateways_policy_only(
+    gateway: GatewayFactory, upstreams: Upstreams, body: bytes
+) -> None:
+    upstreams.stream.app.router.add_get(
+        "/api/v1/videos/{id}/stream", serve_with_upstream_cors(body)
+    )
     client = await gateway(VOD_CORS_ORIGINS=ORIGINS)
     response = await client.get(
         "/api/v1/videos/v1/stream", headers={"Origin": FRONT_END, "Range": "bytes=0-9"}
     )
     assert response.status == 206
-    assert await response.read() == b"0123456789"
+    assert await response.read() == body
     assert response.headers.getall("Access-Control-Allow-Origin") == [FRONT_END]
     assert "Access-Control-Allow-Credentials" not in response.headers
     exposed = tokens(response.headers["Access-Control-Expose-Headers"])
@@ -164,6 +177,22 @@ async def test_proxied_responses_carry_the_gateways_policy_only(
     assert other.status == 206
     assert not [h for h in other.headers if h.lower().startswith("access-control-")]
     assert "origin" in vary(other)
+
+
+@RELAYED_BODIES
+async def test_an_upstreams_cors_headers_are_dropped_with_cors_off(
+    gateway: GatewayFactory, upstreams: Upstreams, body: bytes
+) -> None:
+    upstreams.stream.app.router.add_get(
+        "/api/v1/videos/{id}/stream", serve_with_upstream_cors(body)
+    )
+    client = await gateway()
+    response = await client.get("/api/v1/videos/v1/stream", headers={"Origin": FRONT_END})
+    assert response.status == 206
+    assert await response.read() == body
+    assert not [h for h in response.headers if h.lower().startswith("access-control-")]
+    assert response.headers["ETag"] == '"abc"'
+    assert vary(response) == {"accept-encoding"}
 
 
 @pytest.mark.parametrize(
