@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import os
 import platform
 import secrets
@@ -56,7 +55,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from bench._harness import Server as Service
 from bench._harness import children_cpu, free_port, start, wait_ready
 from shared.auth import TokenSigner
-from shared.content_hash import ContentHasher
+from shared.content_hash import ChunkDigests, content_hash_of_blocks
 from shared.db import new_id
 from vod_client.client import SEND_PIECE_BYTES
 
@@ -98,14 +97,15 @@ class GeneratedFile:
 
     def digests(self) -> tuple[str, list[str]]:
         """The content hash and each chunk's SHA-256: what a client computes first."""
-        hasher = ContentHasher()
+        blocks: list[bytes] = []
         checksums = []
         buffer = bytearray(CHUNK)
         for index in range(self.total_chunks):
-            chunk = self.fill(buffer, index)
-            hasher.update(chunk)
-            checksums.append(hashlib.sha256(chunk).hexdigest())
-        return hasher.hexdigest(), checksums
+            digests = ChunkDigests()
+            digests.update(self.fill(buffer, index))
+            checksums.append(digests.hexdigest())
+            blocks += digests.block_digests()
+        return content_hash_of_blocks(blocks), checksums
 
 
 # -- processes -----------------------------------------------------------------------------

@@ -3,13 +3,12 @@ digests, computed in one pass without ever holding the whole file."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
 
-from shared.content_hash import BLOCK_SIZE, ContentHasher
+from shared.content_hash import BLOCK_SIZE, ChunkDigests, content_hash_of_blocks
 
 # One content-hash block per read: every read feeds the block hasher exactly one block.
 READ_BYTES: Final = BLOCK_SIZE
@@ -80,14 +79,13 @@ def compute_digests(source: Source, chunk_size: int) -> Digests:
     """Reads ``source`` once, block by block (blocking: run it in a thread)."""
     if chunk_size % BLOCK_SIZE:
         raise ValueError(f"the chunk size must be a multiple of {BLOCK_SIZE}")
-    hasher = ContentHasher()
+    blocks: list[bytes] = []
     checksums = []
     for start in range(0, source.size, chunk_size):
-        chunk_digest = hashlib.sha256()
+        chunk = ChunkDigests()
         end = min(start + chunk_size, source.size)
         for offset in range(start, end, READ_BYTES):
-            piece = source.read(offset, min(READ_BYTES, end - offset))
-            hasher.update(piece)
-            chunk_digest.update(piece)
-        checksums.append(chunk_digest.hexdigest())
-    return Digests(hasher.hexdigest(), chunk_size, tuple(checksums))
+            chunk.update(source.read(offset, min(READ_BYTES, end - offset)))
+        checksums.append(chunk.hexdigest())
+        blocks += chunk.block_digests()
+    return Digests(content_hash_of_blocks(blocks), chunk_size, tuple(checksums))
