@@ -37,8 +37,6 @@ _TEMP_PREFIX = ".tmp-"
 WRITE_SLICE_BYTES = 2 * 1024 * 1024
 # Below Linux's IOV_MAX (1024): a source of tiny pieces flushes by count instead.
 _MAX_SLICE_PIECES = 512
-# Parts are hashed (for ``concatenate``'s ``sha256``) through one reused buffer this large.
-_HASH_READ_BYTES = 4 * 1024 * 1024
 
 
 @runtime_checkable
@@ -127,18 +125,18 @@ class LocalBlobStore:
     async def concatenate(self, target_key: str, part_keys: Sequence[str]) -> BlobInfo:
         path = self._path(target_key)
         part_paths = [self._path(part) for part in part_keys]
+        # Not hashed: the port's contract leaves ``sha256`` None here (see its docstring).
         writer = await self._acquire(
-            _TempWriter.open, target_key, path, True, release=_TempWriter.discard
+            _TempWriter.open, target_key, path, False, release=_TempWriter.discard
         )
-        hash_buffer = bytearray(_HASH_READ_BYTES)
         try:
             for part_key, part_path in zip(part_keys, part_paths, strict=True):
-                await self._append(writer, part_key, part_path, hash_buffer)
+                await self._append(writer, part_key, part_path)
             modified = await self._io(writer.commit)
         except BaseException:
             await self._io(writer.discard)
             raise
-        return BlobInfo(key=target_key, size=writer.size, sha256=writer.sha256(), modified=modified)
+        return BlobInfo(key=target_key, size=writer.size, modified=modified)
 
     async def list(self, prefix: str = "") -> AsyncIterator[str]:
         validate_prefix(prefix)
@@ -220,23 +218,15 @@ class LocalBlobStore:
                 # Never leave a thread writing to a file the caller is about to discard.
                 await _settle(in_flight)
 
-    async def _append(
-        self, writer: _TempWriter, key: str, path: Path, hash_buffer: bytearray
-    ) -> None:
+    async def _append(self, writer: _TempWriter, key: str, path: Path) -> None:
         try:
             part = await self._acquire(_open_for_reading, path, 0, release=_close)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise BlobNotFoundError(f"No blob {key!r}.") from None
         try:
-            # The kernel copies (copy_file_range: no bytes through Python) while another
-            # thread reads the same part back from the page cache for ``sha256``.
+            # The kernel copies (copy_file_range: no bytes through Python).
             size = os.fstat(part.fileno()).st_size
-            copy = self._io(writer.copy_part, part.fileno(), size)
-            digest = self._io(writer.hash_part, part.fileno(), size, hash_buffer)
-            results = await asyncio.gather(copy, digest, return_exceptions=True)
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
+            await self._io(writer.copy_part, part.fileno(), size)
         finally:
             part.close()
 
@@ -317,8 +307,9 @@ async def _settle(future: asyncio.Future[T]) -> None:
 
 
 class _TempWriter:
-    """A temporary file beside its target, hashed as written (unless the source hashes
-    what it yields), renamed into place."""
+    """A temporary file beside its target, renamed into place; what ``write_pieces``
+    writes is hashed when ``hashed`` (``write`` of a source that does not hash what it
+    yields), never what ``copy_part`` copies."""
 
     def __init__(
         self, key: str, target: Path, temp: Path, file: IO[bytes], *, hashed: bool
@@ -386,19 +377,6 @@ class _TempWriter:
         while written < len(data):
             written += os.pwrite(self.file.fileno(), data[written:], self.size + offset + written)
         return len(data)
-
-    def hash_part(self, source: int, size: int, buffer: bytearray) -> None:
-        """Feeds ``size`` bytes of ``source`` from its start to the hash, through ``buffer``."""
-        if self._hash is None:
-            return
-        view = memoryview(buffer)
-        offset = 0
-        while offset < size:
-            read = os.preadv(source, [view[: min(len(view), size - offset)]], offset)
-            if read == 0:
-                break
-            self._hash.update(view[:read])
-            offset += read
 
     def sha256(self) -> str | None:
         return None if self._hash is None else self._hash.hexdigest()

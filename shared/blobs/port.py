@@ -48,8 +48,8 @@ class BlobStoreUnavailableError(ServiceUnavailableError):
 class BlobInfo:
     """What a store knows about one blob.
 
-    ``sha256`` (lower-case hex) is set by ``write`` and ``concatenate``, which see every
-    byte; ``stat`` leaves it None rather than read the blob back.
+    ``sha256`` (lower-case hex) is set by ``write``, which sees every byte; ``stat`` and
+    ``concatenate`` leave it None rather than read the blob back.
     """
 
     key: str
@@ -123,7 +123,9 @@ class BlobStore(Protocol):
         """Writes the parts, in the given order, as one blob under ``target_key``.
 
         Atomic like ``write``; the parts stay. Raises ``BlobNotFoundError`` if a part is
-        missing.
+        missing. Returns the size (and modification time when known) with ``sha256``
+        None, like ``stat``: the parts were checked as they arrived, and reading the whole
+        blob back only to hash it cost a second pass over it (a full download on S3).
         """
         ...
 
