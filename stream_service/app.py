@@ -63,8 +63,10 @@ async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
         async with invalidations.running():
             yield
     finally:
-        # PATCH bodies still being stored for clients that left.
+        # PATCH bodies still being stored for clients that left, chunks of completed
+        # uploads still being removed: both use the blob store, which closes next.
         await app[TUS].close()
+        await app[UPLOADS].settled()
 
 
 async def open_files_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -45,7 +45,7 @@ from stream_service.tus.state import (
     segment_blob_key,
     tus_segments_key,
 )
-from tests.api.test_uploads import blob_path, completed_events, stored_files
+from tests.api.test_uploads import blob_path, completed_events, settle_uploads, stored_files
 from tests.clients import MIB
 from tests.problems import problem
 from tests.stack import Stack, start_stack
@@ -215,6 +215,7 @@ async def test_upload_in_odd_patches_publish_and_stream_it_back(
     # The native machinery finished it: the file under its content hash, segments gone,
     # the durable record and its event.
     assert blob_path(blob_root, data).read_bytes() == data
+    await settle_uploads(stack)  # the segments go after the answer
     assert upload_files(blob_root, path) == []
     async with database.connect() as conn:
         row = (

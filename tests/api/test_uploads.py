@@ -28,6 +28,7 @@ from shared.events import UPLOAD_COMPLETED
 from shared.kv import KeyValueStore
 from shared.layout import content_blob_key, upload_received_key, upload_state_key
 from shared.resources import BLOBS, KV
+from stream_service.keys import UPLOADS
 from tests.clients import CHUNK, MIB, Uploader, new_upload, pieces, sha256
 from tests.problems import problem
 from tests.stack import Stack
@@ -66,6 +67,17 @@ def stored_files(root: Path, folder: str) -> list[Path]:
     return sorted(path for path in base.rglob("*") if path.is_file()) if base.exists() else []
 
 
+async def settle_uploads(stack: Stack) -> None:
+    """Returns once the chunk removals completions start (after their answers) are done."""
+    await stack.servers["stream"].app[UPLOADS].settled()
+
+
+async def chunks_left(stack: Stack, blob_root: Path) -> list[Path]:
+    """The chunk files still stored once completions' chunk removals are done."""
+    await settle_uploads(stack)
+    return stored_files(blob_root, "uploads")
+
+
 def blob_path(root: Path, data: bytes) -> Path:
     return root / content_blob_key(content_hash(data))
 
@@ -88,7 +100,7 @@ async def upload_row(db: Database, upload_id: str) -> Any:
 
 
 async def test_out_of_order_and_repeated_chunks_make_the_file(
-    uploader: Uploader, blob_root: Path, database: Database
+    stack: Stack, uploader: Uploader, blob_root: Path, database: Database
 ) -> None:
     data = os.urandom(THREE_CHUNKS)
     first, second, last = pieces(data)
@@ -126,7 +138,7 @@ async def test_out_of_order_and_repeated_chunks_make_the_file(
     assert (status["state"], status["missing"], status["expires_at"]) == ("complete", [], None)
 
     assert blob_path(blob_root, data).read_bytes() == data
-    assert stored_files(blob_root, "uploads") == []  # chunks dropped
+    assert await chunks_left(stack, blob_root) == []  # chunks dropped
     events = await completed_events(database)
     assert events == [
         {
@@ -153,6 +165,33 @@ async def test_out_of_order_and_repeated_chunks_make_the_file(
     # Nothing references it yet: the collector's grace period runs from now.
     assert (blob["size"], blob["ref_count"]) == (len(data), 0)
     assert blob["zero_since"] is not None
+
+
+async def test_completion_answers_before_its_chunks_are_removed(
+    stack: Stack, uploader: Uploader, blob_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Removing a GiB of chunk files takes seconds on some disks; the uploader does not
+    # wait for it. Here every removal is held until the answer has arrived.
+    data = os.urandom(TWO_CHUNKS)
+    upload_id = (await uploader.start(data))["upload_id"]
+    for index, chunk in enumerate(pieces(data)):
+        await uploader.put_ok(upload_id, index, chunk)
+    store = stack.servers["stream"].app[BLOBS]
+    delete = store.delete
+    answered = asyncio.Event()
+
+    async def delete_after_the_answer(key: str) -> bool:
+        await answered.wait()
+        return await delete(key)
+
+    monkeypatch.setattr(store, "delete", delete_after_the_answer)
+    async with asyncio.timeout(30):
+        response = await uploader.complete(upload_id)
+        assert response.status == 200, await response.text()
+        assert len(stored_files(blob_root, "uploads")) == 2  # still there, held
+        answered.set()
+        assert await chunks_left(stack, blob_root) == []
+    assert blob_path(blob_root, data).read_bytes() == data
 
 
 async def test_chunks_sent_in_parallel(uploader: Uploader, blob_root: Path) -> None:
@@ -636,7 +675,7 @@ async def test_instant_upload_may_send_its_chunks_instead(
 
 
 async def test_two_users_same_bytes_one_stored_file(
-    uploader: Uploader, rival: Uploader, blob_root: Path, database: Database
+    stack: Stack, uploader: Uploader, rival: Uploader, blob_root: Path, database: Database
 ) -> None:
     data = os.urandom(TWO_CHUNKS)
     # Both start before either finishes, so both send every byte.
@@ -653,7 +692,7 @@ async def test_two_users_same_bytes_one_stored_file(
 
     assert stored_files(blob_root, "blobs") == [blob_path(blob_root, data)]
     assert (second.st_ino, second.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
-    assert stored_files(blob_root, "uploads") == []
+    assert await chunks_left(stack, blob_root) == []
     async with database.connect() as conn:
         rows = (await conn.execute(select(blobs.c.content_hash, blobs.c.ref_count))).all()
     assert [tuple(row) for row in rows] == [(content_hash(data), 0)]
