@@ -79,6 +79,12 @@ SOCKET_TIMEOUT = 5.0
 # SOCKET_TIMEOUT) instead of failing: redis-py's default pool raised "Too many
 # connections", a 503 for every request of a burst past 100 commands in flight.
 POOL_CONNECTIONS = 100
+# A subscription idle this long sends PING and must hear something within as long again.
+# Without it, a connection that dies silently (a partition, a frozen server: no reset)
+# leaves a subscriber waiting until TCP gives up, many minutes: live viewers of a replica
+# would miss every danmaku meanwhile, and cached copies would outlive their invalidations.
+# With it, a silent death ends the subscription within twice this.
+SUBSCRIPTION_HEARTBEAT = 10.0
 
 _SCAN_BATCH = 500
 _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
@@ -170,10 +176,17 @@ class Script:
 class KeyValueStore:
     """Redis commands a vod service needs, with keys confined to ``namespace``."""
 
-    def __init__(self, client: redis.asyncio.Redis, namespace: str) -> None:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        namespace: str,
+        *,
+        subscription_heartbeat: float = SUBSCRIPTION_HEARTBEAT,
+    ) -> None:
         if not namespace:
             raise ValueError("a key-value namespace must not be empty")
         self._redis = client
+        self._heartbeat = subscription_heartbeat
         self.namespace = namespace
         self._prefix = f"{namespace}:"
         self._incr_script = self.script(_INCR_LUA)
@@ -338,7 +351,9 @@ class KeyValueStore:
         """``async with kv.subscribe("ch") as messages: async for text in messages: ...``
 
         The subscription is confirmed by the server before the block is entered, so a
-        message published after that is never missed. The iterator ends with the block.
+        message published after that is never missed. The iterator ends with the block,
+        or raises ``KeyValueUnavailableError`` when the connection is lost, including
+        silently (``SUBSCRIPTION_HEARTBEAT``).
         """
         pubsub = self._redis.pubsub()
         messages: AsyncGenerator[str, None] | None = None
@@ -348,7 +363,7 @@ class KeyValueStore:
                 confirmed = await pubsub.get_message(timeout=SOCKET_TIMEOUT)
             if confirmed is None or confirmed["type"] != "subscribe":
                 raise KeyValueUnavailableError("The key-value store did not confirm SUBSCRIBE.")
-            messages = _messages(pubsub)
+            messages = _messages(pubsub, self._heartbeat)
             yield messages
         finally:
             if messages is not None:
@@ -386,15 +401,30 @@ class KeyValueStore:
             await self._redis.aclose()
 
 
-async def _messages(pubsub: redis.asyncio.client.PubSub) -> AsyncGenerator[str, None]:
+async def _messages(
+    pubsub: redis.asyncio.client.PubSub, heartbeat: float
+) -> AsyncGenerator[str, None]:
+    pinged = False
     while True:
         with _translated_errors():
-            message = await pubsub.get_message(timeout=None)
-        if message is not None and message["type"] == "message":
+            message = await pubsub.get_message(timeout=heartbeat)
+        if message is None:
+            if pinged:
+                raise KeyValueUnavailableError(
+                    "The key-value store stopped answering on a subscription."
+                )
+            with _translated_errors():
+                await pubsub.ping()
+            pinged = True
+            continue
+        pinged = False  # anything that arrives, the PING's answer too, proves it alive
+        if message["type"] == "message":
             yield cast("str", message["data"])
 
 
-async def open_kv(url: str, namespace: str) -> KeyValueStore:
+async def open_kv(
+    url: str, namespace: str, *, subscription_heartbeat: float = SUBSCRIPTION_HEARTBEAT
+) -> KeyValueStore:
     """A store for ``url`` (``redis://``, ``rediss://`` or ``memory://NAME``).
 
     Does not connect: an unreachable server shows in ``ping()`` (the readiness probe) and
@@ -416,7 +446,11 @@ async def open_kv(url: str, namespace: str) -> KeyValueStore:
             maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
         # from_pool: the client owns the pool and closes it with itself.
-        return KeyValueStore(redis.asyncio.Redis.from_pool(pool), namespace)
+        return KeyValueStore(
+            redis.asyncio.Redis.from_pool(pool),
+            namespace,
+            subscription_heartbeat=subscription_heartbeat,
+        )
     if parts.scheme == "memory":
         if parts.path not in ("", "/") or parts.query:
             raise ConfigError("VOD_REDIS_URL", "a memory:// URL is just memory://NAME")
@@ -435,7 +469,7 @@ async def open_kv(url: str, namespace: str) -> KeyValueStore:
             connection_pool_class=redis.asyncio.BlockingConnectionPool,
             max_connections=POOL_CONNECTIONS,
         )
-        return KeyValueStore(client, namespace)
+        return KeyValueStore(client, namespace, subscription_heartbeat=subscription_heartbeat)
     raise ConfigError(
         "VOD_REDIS_URL", f"scheme {parts.scheme or '(none)'!r} is not redis, rediss or memory"
     )

@@ -106,6 +106,18 @@ class PrivateServer:
         self.stop()
         self.start()
 
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """SIGSTOP for the block, then SIGCONT: connections stay open and the kernel still
+        takes the bytes sent, but nothing answers, as in a network partition."""
+        if self._process is None:
+            raise RuntimeError("the server is not running")
+        self._process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self._process.send_signal(signal.SIGCONT)
+
     def _spawn(self, argv: list[str], env: dict[str, str] | None = None) -> None:
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
 from shared.kv import KeyValueStore, open_kv
 
-OpenStore = Callable[[str], Awaitable[KeyValueStore]]
+# open_store(suffix, **open_kv_options)
+OpenStore = Callable[..., Awaitable[KeyValueStore]]
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -22,8 +24,8 @@ async def open_store(request: pytest.FixtureRequest, namespace: str) -> AsyncIte
     test_namespace = f"{namespace}:{secrets.token_hex(4)}"
     opened: list[KeyValueStore] = []
 
-    async def open_store(suffix: str) -> KeyValueStore:
-        store = await open_kv(url, f"{test_namespace}:{suffix}")
+    async def open_store(suffix: str, **options: Any) -> KeyValueStore:
+        store = await open_kv(url, f"{test_namespace}:{suffix}", **options)
         opened.append(store)
         return store
 

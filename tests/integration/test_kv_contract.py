@@ -11,8 +11,10 @@ import asyncio
 import secrets
 import socket
 import time
+from typing import Any
 
 import pytest
+import redis.asyncio.client
 
 from shared.errors import ConfigError, ServiceUnavailableError
 from shared.kv import (
@@ -224,6 +226,31 @@ async def test_pubsub_delivers_a_message_published_after_subscribe(
         second = await asyncio.wait_for(anext(messages), DELIVERY_TIMEOUT)
     assert (first, second) == ("first", "second")
     assert await kv.publish("danmaku:v1", "after") == 0
+
+
+async def test_an_idle_subscription_sends_heartbeats_and_stays_up(
+    open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kv = await open_store("main", subscription_heartbeat=0.05)
+    ping = redis.asyncio.client.PubSub.ping
+    pings = 0
+    three_pings = asyncio.Event()
+
+    async def counted_ping(self: redis.asyncio.client.PubSub, *args: Any) -> Any:
+        nonlocal pings
+        pings += 1
+        if pings == 3:
+            three_pings.set()
+        return await ping(self, *args)
+
+    monkeypatch.setattr(redis.asyncio.client.PubSub, "ping", counted_ping)
+    async with kv.subscribe("idle") as messages:
+        receiving = asyncio.ensure_future(anext(messages))
+        await asyncio.wait_for(three_pings.wait(), DELIVERY_TIMEOUT)
+        # Each heartbeat was answered: no error ended the subscription.
+        assert not receiving.done()
+        assert await kv.publish("idle", "still here") == 1
+        assert await asyncio.wait_for(receiving, DELIVERY_TIMEOUT) == "still here"
 
 
 async def test_memory_stores_share_by_name(run_id: str) -> None:

@@ -128,3 +128,18 @@ async def test_local_cache_copies_survive_no_lost_connection(
             raise AssertionError("the subscriber never noticed its connection was closed")
         await invalidations.wait_subscribed()
         assert await cache.get("v1", load_old) == "new"
+
+
+async def test_a_subscription_to_a_server_gone_silent_ends(server: RedisServer) -> None:
+    """No reset, no answer (a partition): the subscriber must find out by itself, or live
+    viewers would miss danmaku and cached copies outlive their invalidations until TCP
+    gives up, many minutes later."""
+    kv = await open_kv(server.url, f"silent_{secrets.token_hex(4)}", subscription_heartbeat=0.2)
+    try:
+        async with kv.subscribe("ch") as messages:
+            with server.frozen():
+                async with asyncio.timeout(10):
+                    with pytest.raises(KeyValueUnavailableError):
+                        await anext(messages)
+    finally:
+        await kv.close()
