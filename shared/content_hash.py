@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 __all__ = [
@@ -33,6 +33,16 @@ __all__ = [
 BLOCK_SIZE: Final = 4 * 1024 * 1024
 # A SHA-256 as vod writes it (the content hash, X-Chunk-SHA256, an instant-upload proof).
 SHA256_HEX_RE: Final = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _within_blocks(data: bytes | bytearray | memoryview, filled: int) -> Iterator[memoryview]:
+    """``data`` cut where it crosses a block boundary, ``filled`` bytes into a block."""
+    view = memoryview(data).cast("B")
+    while view:
+        piece = view[: BLOCK_SIZE - filled]
+        yield piece
+        filled = (filled + len(piece)) % BLOCK_SIZE
+        view = view[len(piece) :]
 
 
 class ContentHasher:
@@ -50,13 +60,10 @@ class ContentHasher:
         self.size = 0
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            piece = view[: BLOCK_SIZE - self._block_filled]
+        for piece in _within_blocks(data, self._block_filled):
             self._block.update(piece)
             self._block_filled += len(piece)
             self.size += len(piece)
-            view = view[len(piece) :]
             if self._block_filled == BLOCK_SIZE:
                 block = self._block.digest()
                 self._blocks.append(block)
@@ -105,15 +112,12 @@ class ChunkDigests:
         self.size = 0
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            piece = view[: BLOCK_SIZE - self._block_filled]
+        for piece in _within_blocks(data, self._block_filled):
             self._chunk.update(piece)
             if self._block is not None:
                 self._block.update(piece)
             self._block_filled += len(piece)
             self.size += len(piece)
-            view = view[len(piece) :]
             if self._block_filled == BLOCK_SIZE:
                 self._blocks.append(self._current_block().digest())
                 self._block = hashlib.sha256()
