@@ -1,26 +1,39 @@
 """Danmaku persistence: ``danmaku.created`` events through RabbitMQ into MariaDB rows, by
 the scheduler's consumer (``scheduler_service.consumers.danmaku``: multi-row inserts in
-batches), end to end, in rows per second.
+batches), end to end, in rows per second, with one scheduler process and with two.
 
 The real back ends of this machine, each under this run's own names: a MariaDB database
 ``vodbench_<hex>`` (dropped at the end), a bus namespace (its queues deleted at the end).
 ``python -m scheduler_service`` runs as in production. The run:
 
 1. the scheduler starts once (it declares its durable queues) and stops;
-2. ``EVENTS`` events for one video are published as the api publishes them (the bus
-   adapter's ``publish_many``, publisher confirms in flight): the broker's ingest rate,
-   noted beside;
-3. the scheduler starts again and drains the queue; rows/s = rows written between the
-   first row and the last, over that time (the database is polled every 50 ms), so the
-   process's start-up is not counted. The scheduler's CPU time over the same span, per
-   row, is noted beside: it moves less than rows/s with the load of a shared machine; and
-   how long it waited for a CPU while runnable (schedstat), that load's share.
+2. one drain per process count of ``SCHEDULER_COUNTS`` (1, then 2), each over a video of
+   its own:
+
+   a. ``EVENTS`` events for that video are published as the api publishes them (the bus
+      adapter's ``publish_many``, publisher confirms in flight): the broker's ingest rate,
+      noted beside;
+   b. that many scheduler processes start together and share the queue (how a site scales
+      the consumer: replicas dedupe on event id, the outbox relay and the timers take a
+      Redis lease); rows/s = that video's rows written between the first row and the
+      last, over that time (the database is polled every 50 ms), so start-up is not
+      counted. The processes' CPU time over the same span, summed, per row, is noted
+      beside: it moves less than rows/s with the load of a shared machine; and how long
+      they waited for a CPU while runnable (schedstat), that load's share.
+
+Why two drains: on this 2-core machine one scheduler process is CPU-bound (about one core
+busy), most of it the AMQP client's per-message work (aiormq, aio-pika, pamqp), not the
+database; a second process consuming the same queue uses the second core. The best drain
+gives the top-level figures and ``holds``; ``holds_with_processes`` is the fewest
+processes that reach the target.
 
 Reference, same run, same broker, same messages: a bare aio-pika consumer (prefetch 400,
-one ack each, no database) drains a second copy of the events: what the broker and the
-Python AMQP client allow before any database work. Target: >= 5,000 rows/s.
+one ack each, no database) drains a further copy of the events: what the broker and the
+Python AMQP client allow in one process before any database work. Target: >= 5,000
+rows/s.
 
-``VOD_BENCH_PROFILE=1`` also samples the draining scheduler with py-spy (see ``profile``).
+``VOD_BENCH_PROFILE=1`` also samples the 1-process drain's scheduler with py-spy (see
+``profile``). ``VOD_BENCH_PERSIST_SCHEDULERS="1,2"`` sets the process counts.
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -58,7 +72,7 @@ from scheduler_service.consumers import danmaku as danmaku_consumer
 from scheduler_service.consumers import deletions, media
 from shared.bus import Event, open_bus
 from shared.db import new_id, open_database
-from shared.db.schema import danmaku
+from shared.db.schema import blobs, danmaku, videos
 from shared.events import DANMAKU_CREATED
 
 NAME: Final = "danmaku_persistence"
@@ -71,6 +85,19 @@ DRAIN_TIMEOUT: Final = 300.0
 REFERENCE_PREFETCH: Final = 400
 PROFILE_SECONDS: Final = 10
 QUEUES: Final = (danmaku_consumer.QUEUE, deletions.QUEUE, media.QUEUE)
+
+
+def scheduler_counts(spec: str | None) -> tuple[int, ...]:
+    """The scheduler process counts to drain with: ``spec`` ("1,2") or ``(1, 2)``."""
+    if not spec:
+        return (1, 2)
+    counts = tuple(int(part) for part in spec.split(",") if part.strip())
+    if not counts or min(counts) < 1:
+        raise ValueError(f"VOD_BENCH_PERSIST_SCHEDULERS wants counts >= 1, not {spec!r}")
+    return counts
+
+
+SCHEDULER_COUNTS: Final = scheduler_counts(os.environ.get("VOD_BENCH_PERSIST_SCHEDULERS"))
 
 
 def events_for(video_id: str, author_id: str) -> list[Event]:
@@ -128,18 +155,25 @@ async def publish(namespace: str, events: list[Event]) -> float:
         await bus.close()
 
 
-def cpu_wait_seconds(server: Server) -> float:
-    """How long the process has waited, runnable, for a CPU (Linux schedstat run_delay):
-    what other processes of a shared machine take from it."""
-    fields = Path(f"/proc/{server.popen.pid}/schedstat").read_text().split()
-    return int(fields[1]) / 1e9
+def cpu_wait_seconds(servers: list[Server]) -> float:
+    """How long the processes have waited, runnable, for a CPU (Linux schedstat
+    run_delay), summed: what other processes of a shared machine take from them."""
+    total = 0.0
+    for server in servers:
+        fields = Path(f"/proc/{server.popen.pid}/schedstat").read_text().split()
+        total += int(fields[1]) / 1e9
+    return total
+
+
+def cpu_seconds(servers: list[Server]) -> float:
+    return sum(server.cpu_seconds() for server in servers)
 
 
 async def wait_rows(
-    db_url: str, video_id: str, expected: int, scheduler: Server
+    db_url: str, video_id: str, expected: int, schedulers: list[Server]
 ) -> dict[str, float]:
     """Polls the row count until ``expected``; the first and the last moment rows moved,
-    and the scheduler's CPU seconds (used, and waited for) between them."""
+    and the schedulers' CPU seconds (used, and waited for), summed, between them."""
     database = await open_database(db_url)
     count = select(func.count()).select_from(danmaku).where(danmaku.c.video_id == video_id)
     first_at: float | None = None
@@ -153,14 +187,14 @@ async def wait_rows(
             now = time.monotonic()
             if rows and first_at is None:
                 first_at, first_rows = now, rows
-                first_cpu, first_wait = scheduler.cpu_seconds(), cpu_wait_seconds(scheduler)
+                first_cpu, first_wait = cpu_seconds(schedulers), cpu_wait_seconds(schedulers)
             if rows >= expected and first_at is not None:
                 return {
                     "first_at": first_at,
                     "first_rows": first_rows,
                     "done_at": now,
-                    "cpu_seconds": scheduler.cpu_seconds() - first_cpu,
-                    "cpu_wait_seconds": cpu_wait_seconds(scheduler) - first_wait,
+                    "cpu_seconds": cpu_seconds(schedulers) - first_cpu,
+                    "cpu_wait_seconds": cpu_wait_seconds(schedulers) - first_wait,
                 }
             await asyncio.sleep(POLL_SECONDS)  # polling a database another process writes
     finally:
@@ -211,6 +245,39 @@ async def bare_drain(namespace: str, count: int) -> float:
         await connection.close()
 
 
+async def add_video(db_url: str, owner_id: str, content_hash: str) -> str:
+    """A further ready video of ``owner_id`` over the blob of ``insert_video`` (whose
+    user and blob exist once per database): its id."""
+    now = datetime.now(UTC)
+    video_id = new_id()
+    database = await open_database(db_url)
+    try:
+        async with database.transaction() as conn:
+            await conn.execute(
+                videos.insert().values(
+                    id=video_id,
+                    owner_id=owner_id,
+                    upload_id=new_id(),
+                    title="bench",
+                    description="",
+                    content_hash=content_hash,
+                    size=1,
+                    filename="film.mp4",
+                    status="ready",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            await conn.execute(
+                blobs.update()
+                .where(blobs.c.content_hash == content_hash)
+                .values(ref_count=blobs.c.ref_count + 1)
+            )
+    finally:
+        await database.close()
+    return video_id
+
+
 async def clean_up(namespace: str) -> None:
     bus = await open_bus(AMQP_URL, namespace)
     try:
@@ -219,18 +286,83 @@ async def clean_up(namespace: str) -> None:
         await bus.close()
 
 
+@dataclass
+class Schedulers:
+    """Starts ``python -m scheduler_service`` processes, each on a port of its own, and
+    keeps those not yet stopped in ``running`` (for the caller's ``finally``)."""
+
+    env: dict[str, str]
+    work: Path
+    running: list[Server] = field(default_factory=list)
+
+    def launch(self, name: str) -> Server:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {**self.env, "VOD_SCHEDULER_PORT": str(port), "VOD_SCHEDULER_URL": url}
+        server = start(name, [sys.executable, "-m", "scheduler_service"], env, url, self.work)
+        self.running.append(server)
+        return server
+
+    def stop(self, servers: list[Server]) -> None:
+        for server in servers:
+            server.stop()
+            self.running.remove(server)
+
+    def stop_all(self) -> None:
+        self.stop(list(self.running))
+
+
+async def ready(servers: list[Server]) -> None:
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(wait_ready(server, "/readyz", session) for server in servers))
+
+
+def drain(
+    schedulers: Schedulers,
+    processes: int,
+    *,
+    db_url: str,
+    namespace: str,
+    video_id: str,
+    author_id: str,
+    profiled: bool,
+) -> dict[str, Any]:
+    """Publishes ``EVENTS`` events for ``video_id``, starts ``processes`` schedulers
+    sharing the queue, waits for the video's rows, stops them: the drain's figures.
+    ``profiled``: py-spy samples the first process (with ``VOD_BENCH_PROFILE=1``)."""
+    publish_rate = asyncio.run(publish(namespace, events_for(video_id, author_id)))
+    servers = [schedulers.launch(f"scheduler-{processes}p-{n}") for n in range(processes)]
+    launched = time.monotonic()
+    profiler = profile(servers[0].popen.pid) if profiled else None
+    moments = asyncio.run(wait_rows(db_url, video_id, EVENTS, servers))
+    if profiler is not None:
+        profiler.wait(PROFILE_SECONDS + 30)
+    schedulers.stop(servers)
+    rows_after_first = EVENTS - moments["first_rows"]
+    span = moments["done_at"] - moments["first_at"]
+    rows_per_s = rows_after_first / span
+    return {
+        "processes": processes,
+        "rows_per_s": round(rows_per_s),
+        "holds": rows_per_s >= TARGET_ROWS_PER_S,
+        "seconds_from_launch": round(moments["done_at"] - launched, 2),
+        "scheduler_cpu_cores": round(moments["cpu_seconds"] / span, 2),
+        "scheduler_cpu_wait_cores": round(moments["cpu_wait_seconds"] / span, 2),
+        "scheduler_cpu_us_per_row": round(moments["cpu_seconds"] / rows_after_first * 1e6),
+        "publish_per_s": round(publish_rate),
+    }
+
+
 def run() -> dict[str, Any]:
     started_on = machine()
     database = f"vodbench_{secrets.token_hex(4)}"
     namespace = f"vodbench_{secrets.token_hex(3)}"
     db_url = f"{MYSQL_SERVER}/{database}"
     work = Path(tempfile.mkdtemp(prefix="vod-bench-persistence-"))
+    content_hash = "0" * 64
     mysql(f"CREATE DATABASE `{database}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    scheduler: Server | None = None
-    try:
-        author_id, video_id = asyncio.run(insert_video(db_url, content_hash="0" * 64, size=1))
-        port = free_port()
-        env = {
+    schedulers = Schedulers(
+        {
             "VOD_DB_URL": db_url,
             "VOD_REDIS_URL": "redis://127.0.0.1:6379/0" if redis_reachable() else "memory://",
             "VOD_AMQP_URL": AMQP_URL,
@@ -238,80 +370,96 @@ def run() -> dict[str, Any]:
             "VOD_NAMESPACE": namespace,
             "VOD_INTERNAL_TOKEN": secrets.token_urlsafe(24),
             "VOD_HOST": "127.0.0.1",
-            "VOD_SCHEDULER_PORT": str(port),
             "VOD_API_URL": "http://127.0.0.1:1",
             "VOD_STREAM_URL": "http://127.0.0.1:1",
-            "VOD_SCHEDULER_URL": f"http://127.0.0.1:{port}",
             "VOD_VAR_DIR": str(work / "var"),
             "VOD_LOG_LEVEL": "WARNING",
-        }
-        argv = [sys.executable, "-m", "scheduler_service"]
-        url = f"http://127.0.0.1:{port}"
-
-        async def started(server: Server) -> None:
-            async with aiohttp.ClientSession() as session:
-                await wait_ready(server, "/readyz", session)
-
-        scheduler = start("scheduler", argv, env, url, work)  # declares its queues
-        asyncio.run(started(scheduler))
-        scheduler.stop()
-        publish_rate = asyncio.run(publish(namespace, events_for(video_id, author_id)))
-        scheduler = start("scheduler", argv, env, url, work)
-        launched = time.monotonic()
-        profiler = profile(scheduler.popen.pid)
-        moments = asyncio.run(wait_rows(db_url, video_id, EVENTS, scheduler))
-        if profiler is not None:
-            profiler.wait(PROFILE_SECONDS + 30)
-        scheduler.stop()
-        scheduler = None
-        rows_after_first = EVENTS - moments["first_rows"]
-        span = moments["done_at"] - moments["first_at"]
-        rows_per_s = rows_after_first / span
-        scheduler_cores = moments["cpu_seconds"] / span
-        scheduler_cpu_wait = moments["cpu_wait_seconds"] / span
-        cpu_us_per_row = moments["cpu_seconds"] / rows_after_first * 1e6
+        },
+        work,
+    )
+    drains: list[dict[str, Any]] = []
+    try:
+        author_id, video_id = asyncio.run(insert_video(db_url, content_hash=content_hash, size=1))
+        declaring = schedulers.launch("scheduler")  # declares its queues
+        asyncio.run(ready([declaring]))
+        schedulers.stop([declaring])
+        for index, processes in enumerate(SCHEDULER_COUNTS):
+            if index:  # each drain counts the rows of a video of its own
+                video_id = asyncio.run(add_video(db_url, author_id, content_hash))
+            profiled = processes == 1 and all(d["processes"] != 1 for d in drains)
+            drains.append(
+                drain(
+                    schedulers,
+                    processes,
+                    db_url=db_url,
+                    namespace=namespace,
+                    video_id=video_id,
+                    author_id=author_id,
+                    profiled=profiled,
+                )
+            )
         reference = asyncio.run(bare_drain(namespace, EVENTS))
     finally:
-        if scheduler is not None:
-            scheduler.stop()
-        asyncio.run(clean_up(namespace))
-        mysql(f"DROP DATABASE IF EXISTS `{database}`")
-        shutil.rmtree(work, ignore_errors=True)
+        schedulers.stop_all()
+        try:
+            asyncio.run(clean_up(namespace))
+        finally:
+            mysql(f"DROP DATABASE IF EXISTS `{database}`")
+            shutil.rmtree(work, ignore_errors=True)
+    best = max(drains, key=lambda d: d["rows_per_s"])
+    holding = [d["processes"] for d in drains if d["holds"]]
     return {
         "benchmark": NAME,
         "measured_at": now_iso(),
         "machine": started_on,
         "events": EVENTS,
-        "publish_per_s": round(publish_rate),
-        "rows_per_s": round(rows_per_s),
-        "seconds_from_launch": round(moments["done_at"] - launched, 2),
-        "scheduler_cpu_cores": round(scheduler_cores, 2),
-        "scheduler_cpu_wait_cores": round(scheduler_cpu_wait, 2),
-        "scheduler_cpu_us_per_row": round(cpu_us_per_row),
+        # the best drain's figures, under the keys of the single-drain results
+        "processes": best["processes"],
+        "publish_per_s": best["publish_per_s"],
+        "rows_per_s": best["rows_per_s"],
+        "seconds_from_launch": best["seconds_from_launch"],
+        "scheduler_cpu_cores": best["scheduler_cpu_cores"],
+        "scheduler_cpu_wait_cores": best["scheduler_cpu_wait_cores"],
+        "scheduler_cpu_us_per_row": best["scheduler_cpu_us_per_row"],
         "reference_bare_consume_per_s": round(reference),
-        "x_reference": round(rows_per_s / reference, 2),
+        "x_reference": round(best["rows_per_s"] / reference, 2),
         "target_rows_per_s": TARGET_ROWS_PER_S,
-        "holds": rows_per_s >= TARGET_ROWS_PER_S,
+        "holds": best["holds"],
+        "holds_with_processes": min(holding) if holding else None,
+        "drains": drains,
         "batch_size": danmaku_consumer.BATCH_SIZE,
         "prefetch": danmaku_consumer.PREFETCH,
     }
 
 
 def summarize(result: dict[str, Any]) -> list[str]:
-    verdict = "holds" if result["holds"] else "FAILS"
-    return [
+    target = result["target_rows_per_s"]
+    drains = result.get("drains") or [{**result, "processes": result.get("processes", 1)}]
+    lines = [
         f"{result['events']:,} `danmaku.created` events, RabbitMQ -> scheduler consumer "
-        f"(batches of {result['batch_size']}, prefetch {result['prefetch']}) -> MariaDB.",
+        f"(batches of {result['batch_size']}, prefetch {result['prefetch']}) -> MariaDB; "
+        "one drain per scheduler process count, the processes sharing the queue.",
         "",
-        f"- persisted: **{result['rows_per_s']:,} rows/s** (target >= "
-        f"{result['target_rows_per_s']:,}: {verdict}); queue drained "
-        f"{result['seconds_from_launch']} s after the scheduler was launched",
-        f"- the scheduler meanwhile: {result.get('scheduler_cpu_cores', '?')} cores busy, "
-        f"{result.get('scheduler_cpu_us_per_row', '?')} µs of CPU per row; runnable but "
-        f"waiting for a CPU {result.get('scheduler_cpu_wait_cores', '?')} of the time",
-        f"- reference, same broker and message size: a bare aio-pika consumer (prefetch "
-        f"{REFERENCE_PREFETCH}, no database) {result['reference_bare_consume_per_s']:,} msg/s "
-        f"-> persistence at {result['x_reference']}x of what the broker client allows",
-        f"- publishing them (the bus adapter, confirms in flight): "
-        f"{result['publish_per_s']:,} events/s",
+    ]
+    for each in drains:
+        processes = each["processes"]
+        verdict = "holds" if each["rows_per_s"] >= target else "FAILS"
+        lines.append(
+            f"- {processes} scheduler process{'' if processes == 1 else 'es'}: "
+            f"**{each['rows_per_s']:,} rows/s** (target >= {target:,}: {verdict}); "
+            f"{each.get('scheduler_cpu_cores', '?')} cores busy, "
+            f"{each.get('scheduler_cpu_us_per_row', '?')} µs of CPU per row; runnable but "
+            f"waiting for a CPU {each.get('scheduler_cpu_wait_cores', '?')} of the time; "
+            f"queue drained {each['seconds_from_launch']} s after launch"
+        )
+    publish_rates = [d.get("publish_per_s", result["publish_per_s"]) for d in drains]
+    return [
+        *lines,
+        f"- reference, same broker and message size: a bare aio-pika consumer (one process, "
+        f"prefetch {REFERENCE_PREFETCH}, no database) "
+        f"{result['reference_bare_consume_per_s']:,} msg/s -> the best drain at "
+        f"{result['x_reference']}x of what one process's broker client allows",
+        "- publishing them (the bus adapter, confirms in flight): "
+        + ", then ".join(f"{rate:,}" for rate in publish_rates)
+        + " events/s",
     ]
