@@ -31,6 +31,7 @@ from shared.layout import content_blob_key
 from shared.resources import BLOBS, KV
 from shared.settings import Settings
 from stream_service.app import create_app
+from stream_service.keys import UPLOADS
 from tests.api.test_uploads import Gate, announce_subscriptions
 
 pytestmark = pytest.mark.integration
@@ -146,4 +147,6 @@ async def test_chunks_spread_over_two_replicas_make_one_file(
         assert status["state"] == "complete"
     blob_root = Path(settings.blob_url.removeprefix("file://"))
     assert (blob_root / content_blob_key(content_hash(data))).read_bytes() == data
+    for replica in (first, second):  # the chunks go after the answer
+        await replica.app[UPLOADS].settled()
     assert not (blob_root / "uploads" / upload_id).exists()
