@@ -30,7 +30,6 @@ Decisions a client can see:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -43,7 +42,7 @@ from typing import Final
 
 from shared.blobs import BlobNotFoundError, BlobStore, BlobStoreUnavailableError
 from shared.bus import Event
-from shared.content_hash import BLOCK_SIZE, ContentHasher, content_hash_of_blocks
+from shared.content_hash import ContentHasher
 from shared.db import Database, DuplicateKeyError, new_id
 from shared.errors import (
     BadRequestError,
@@ -75,7 +74,6 @@ from stream_service.storage.read_ahead import read_ahead
 from stream_service.storage.verification import (
     CheckedChunk,
     chunk_length_mismatch,
-    content_hash_mismatch,
     verified_concatenation,
 )
 
@@ -363,6 +361,9 @@ class UploadService:
             index,
             ttl=self._ttl,
             expires_at=self._expiry(),
+            # Not used by completion for now (see _assemble); kept with the index so a
+            # completion that can trust them (a chunk file no racing PUT can replace)
+            # needs no change to the upload state.
             block_digests=chunk.block_digests(),
         )
         if outcome is ChunkOutcome.MISSING:
@@ -554,8 +555,12 @@ class UploadService:
             )
         parts = [chunk_key(upload.id, index) for index in range(upload.total_chunks)]
         try:
-            if not await self._write_from_block_digests(upload, token, parts):
-                await self._write_content(upload, token, parts)
+            # Always verified from the bytes: the block digests recorded with each chunk
+            # cannot stand for them while a racing PUT of the same index may replace the
+            # chunk's file after another PUT recorded its digests (a client sending other
+            # bytes on purpose would have them stored under the genuine content hash:
+            # tests/api/test_uploads.py, racing_puts). docs/ARCHITECTURE.md, "Uploads".
+            await self._write_content(upload, token, parts)
         except BlobNotFoundError:
             # A chunk vanished under us (a sweeper, an operator): forget it, ask for it.
             gone = [index for index, key in enumerate(parts) if await self._blobs.stat(key) is None]
@@ -590,52 +595,6 @@ class UploadService:
                 code="upload_data_lost",
             ) from None
         return upload
-
-    async def _write_from_block_digests(
-        self, upload: UploadState, token: str, parts: Sequence[str]
-    ) -> bool:
-        """The file under its content hash from the chunks, verified by the block digests
-        recorded as each chunk arrived; False (nothing done) when some are not recorded.
-
-        Why the digests may stand for the bytes: they were computed in the same pass that
-        checked the chunk against its ``X-Chunk-SHA256`` and streamed it to its blob, and
-        recorded atomically with its index after the blob was renamed into place; a chunk
-        blob is never rewritten with other bytes (a repeat is a no-op, a racing duplicate
-        has the same SHA-256), and a lost one leaves the set with its digests. So the
-        content hash is checked without reading 2x the file back, and the file is joined
-        by the store (``copy_file_range`` on disk, a server-side copy on S3). What this
-        gives up: corruption of a chunk at rest between its arrival and completion would
-        no longer be caught here.
-        """
-        recorded = await self._state.block_digests(upload.id)
-        if upload.chunk_size % BLOCK_SIZE:
-            return False
-        blocks: list[bytes] = []
-        for index in range(upload.total_chunks):
-            digests = recorded.get(index)
-            if digests is None or len(digests) != -(-upload.chunk_length(index) // BLOCK_SIZE):
-                return False
-            blocks += digests
-        if not hmac.compare_digest(content_hash_of_blocks(blocks), upload.content_hash):
-            raise content_hash_mismatch()
-        target = content_blob_key(upload.content_hash)
-        stored = await self._blobs.stat(target)
-        if stored is not None and stored.size == upload.size:
-            # Stored once already (dedup), and these bytes hash to it: nothing to write.
-            return True
-        joining = asyncio.ensure_future(self._blobs.concatenate(target, parts))
-        keep_lease = self._lease_keeper(upload.id, token)
-        try:
-            while not joining.done():
-                await asyncio.wait({joining}, timeout=self._lease / 3)
-                await keep_lease()
-            joining.result()
-        finally:
-            if not joining.done():
-                joining.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await joining
-        return True
 
     async def _write_content(self, upload: UploadState, token: str, parts: Sequence[str]) -> None:
         """The file under its content hash from ``parts``, verified (once per hash: a

@@ -8,6 +8,7 @@ checked where it lives: the blob folder, the database, Redis.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -21,7 +22,7 @@ import pytest
 from sqlalchemy import select
 
 from shared.blobs import BlobInfo, BlobStore
-from shared.content_hash import content_hash
+from shared.content_hash import BLOCK_SIZE, content_hash
 from shared.db import Database, open_database
 from shared.db.schema import blobs, outbox, uploads
 from shared.events import UPLOAD_COMPLETED
@@ -29,6 +30,7 @@ from shared.kv import KeyValueStore
 from shared.layout import content_blob_key, upload_received_key, upload_state_key
 from shared.resources import BLOBS, KV
 from stream_service.keys import UPLOADS
+from stream_service.repositories.upload_state import UploadStateStore
 from tests.clients import CHUNK, MIB, Uploader, new_upload, pieces, sha256
 from tests.problems import problem
 from tests.stack import Stack
@@ -192,6 +194,60 @@ async def test_completion_answers_before_its_chunks_are_removed(
         answered.set()
         assert await chunks_left(stack, blob_root) == []
     assert blob_path(blob_root, data).read_bytes() == data
+
+
+async def test_racing_puts_of_one_chunk_with_other_bytes_never_store_a_wrong_file(
+    stack: Stack, uploader: Uploader, blob_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A hostile client sends chunk 0 twice at once, the genuine bytes and forged ones, each
+    # with its own valid checksum, timed so that the forged bytes are the file stored and
+    # the genuine PUT's digests are recorded last. Trusting the digests would store the
+    # forged file under the genuine content hash, where every later upload of the genuine
+    # film would be deduplicated onto it.
+    data = os.urandom(TWO_CHUNKS)
+    genuine, rest = pieces(data)
+    forged = os.urandom(len(genuine))
+    upload_id = (await uploader.start(data))["upload_id"]
+    await uploader.put_ok(upload_id, 1, rest)
+    store = stack.servers["stream"].app[BLOBS]
+    write, record = store.write, UploadStateStore.record_chunk
+    genuine_digests = [
+        hashlib.sha256(genuine[i : i + BLOCK_SIZE]).digest() for i in (0, BLOCK_SIZE)
+    ]
+    genuine_writing, genuine_written, forged_recorded = (asyncio.Event() for _ in range(3))
+
+    async def ordered_write(key: str, chunks: Any, **options: Any) -> Any:
+        if not genuine_writing.is_set():  # the first PUT's write is the genuine one
+            genuine_writing.set()
+            info = await write(key, chunks, **options)
+            genuine_written.set()
+            return info
+        await genuine_written.wait()
+        return await write(key, chunks, **options)
+
+    async def ordered_record(self: UploadStateStore, *args: Any, **kwargs: Any) -> Any:
+        if list(kwargs.get("block_digests", ())) == genuine_digests:
+            await forged_recorded.wait()
+            return await record(self, *args, **kwargs)
+        outcome = await record(self, *args, **kwargs)
+        forged_recorded.set()
+        return outcome
+
+    monkeypatch.setattr(store, "write", ordered_write)
+    monkeypatch.setattr(UploadStateStore, "record_chunk", ordered_record)
+    async with asyncio.timeout(30):
+        first = asyncio.create_task(uploader.put(upload_id, 0, genuine))
+        await genuine_writing.wait()
+        second = asyncio.create_task(uploader.put(upload_id, 0, forged))
+        await asyncio.gather(first, second)
+        response = await uploader.complete(upload_id)
+
+    stored = blob_path(blob_root, data)
+    if response.status == 200:
+        assert stored.read_bytes() == data
+    else:
+        await problem(response, 422, "content_hash_mismatch")
+        assert not stored.exists()
 
 
 async def test_chunks_sent_in_parallel(uploader: Uploader, blob_root: Path) -> None:
