@@ -41,6 +41,9 @@ from stream_service.tus.keys import TUS
 from stream_service.tus.service import TusService
 
 SERVICE = "stream"
+# How long shutdown waits for completed uploads' chunk removals (a blob store that hangs
+# must not hold the process); what is left, the sweeper removes.
+CHUNK_REMOVAL_GRACE_SECONDS = 10.0
 # Dependency order: what a later context uses is opened by an earlier one.
 BACKEND_CONTEXTS: tuple[CleanupContext, ...] = (database_ctx, kv_ctx, bus_ctx, blobs_ctx)
 
@@ -66,7 +69,11 @@ async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
         # PATCH bodies still being stored for clients that left, chunks of completed
         # uploads still being removed: both use the blob store, which closes next.
         await app[TUS].close()
-        await app[UPLOADS].settled()
+        try:
+            async with asyncio.timeout(CHUNK_REMOVAL_GRACE_SECONDS):
+                await app[UPLOADS].settled()
+        except TimeoutError:
+            await app[UPLOADS].abandon_removals()
 
 
 async def open_files_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -516,6 +516,15 @@ class UploadService:
         while self._removals:
             await asyncio.wait(set(self._removals))
 
+    async def abandon_removals(self) -> None:
+        """Cancels the chunk removals still running (a shutdown that waited long enough):
+        the sweeper removes what they leave."""
+        if self._removals:
+            logger.warning("%d chunk removals cut short at shutdown", len(self._removals))
+        for task in self._removals:
+            task.cancel()
+        await asyncio.gather(*self._removals, return_exceptions=True)
+
     async def _check_proof(self, upload: UploadState, proof: str) -> None:
         challenge = upload.challenge
         if challenge is None:  # excluded by the caller; kept for the type checker

@@ -187,13 +187,42 @@ async def test_completion_answers_before_its_chunks_are_removed(
         return await delete(key)
 
     monkeypatch.setattr(store, "delete", delete_after_the_answer)
-    async with asyncio.timeout(30):
-        response = await uploader.complete(upload_id)
-        assert response.status == 200, await response.text()
-        assert len(stored_files(blob_root, "uploads")) == 2  # still there, held
-        answered.set()
-        assert await chunks_left(stack, blob_root) == []
+    try:
+        async with asyncio.timeout(30):
+            response = await uploader.complete(upload_id)
+            assert response.status == 200, await response.text()
+            assert len(stored_files(blob_root, "uploads")) == 2  # still there, held
+    finally:
+        answered.set()  # also when it failed: the stack's shutdown waits for removals
+    assert await chunks_left(stack, blob_root) == []
     assert blob_path(blob_root, data).read_bytes() == data
+
+
+async def test_a_shutdown_may_cut_chunk_removals_short(
+    stack: Stack, uploader: Uploader, blob_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A blob store that hangs must not hold a stopping process: the removals still running
+    # are cancelled and their chunks left to the sweeper.
+    data = os.urandom(TWO_CHUNKS)
+    upload_id = (await uploader.start(data))["upload_id"]
+    for index, chunk in enumerate(pieces(data)):
+        await uploader.put_ok(upload_id, index, chunk)
+    store = stack.servers["stream"].app[BLOBS]
+    hung = asyncio.Event()
+
+    async def hanging_delete(key: str) -> bool:
+        hung.set()
+        await asyncio.Event().wait()  # never returns
+        return False
+
+    monkeypatch.setattr(store, "delete", hanging_delete)
+    service = stack.servers["stream"].app[UPLOADS]
+    async with asyncio.timeout(30):
+        assert (await uploader.complete(upload_id)).status == 200
+        await hung.wait()
+        await service.abandon_removals()
+        await service.settled()  # nothing left to wait for
+    assert len(stored_files(blob_root, "uploads")) == 2
 
 
 async def test_racing_puts_of_one_chunk_with_other_bytes_never_store_a_wrong_file(
