@@ -119,6 +119,25 @@ def signing_key_pair() -> tuple[str, str]:
 # -- rows --------------------------------------------------------------------------------
 
 
+def _video_row(
+    video_id: str, owner_id: str, *, content_hash: str, size: int, filename: str, now: datetime
+) -> dict[str, object]:
+    """A ready video's row, as the benchmarks write them."""
+    return {
+        "id": video_id,
+        "owner_id": owner_id,
+        "upload_id": new_id(),
+        "title": "bench",
+        "description": "",
+        "content_hash": content_hash,
+        "size": size,
+        "filename": filename,
+        "status": "ready",
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
 async def insert_video(
     db_url: str, *, content_hash: str, size: int, filename: str = "film.mp4"
 ) -> tuple[str, str]:
@@ -146,22 +165,47 @@ async def insert_video(
             )
             await conn.execute(
                 videos.insert().values(
-                    id=video_id,
-                    owner_id=owner_id,
-                    upload_id=new_id(),
-                    title="bench",
-                    description="",
-                    content_hash=content_hash,
-                    size=size,
-                    filename=filename,
-                    status="ready",
-                    created_at=now,
-                    updated_at=now,
+                    _video_row(
+                        video_id,
+                        owner_id,
+                        content_hash=content_hash,
+                        size=size,
+                        filename=filename,
+                        now=now,
+                    )
                 )
             )
     finally:
         await database.close()
     return owner_id, video_id
+
+
+async def add_video(
+    db_url: str, owner_id: str, *, content_hash: str, size: int, filename: str = "film.mp4"
+) -> str:
+    """A further ready video of ``owner_id`` over the blob ``insert_video`` wrote (the user
+    and the blob exist once per database), the blob's reference count raised: its id."""
+    video_id = new_id()
+    database = await open_database(db_url)
+    try:
+        async with database.transaction() as conn:
+            row = _video_row(
+                video_id,
+                owner_id,
+                content_hash=content_hash,
+                size=size,
+                filename=filename,
+                now=datetime.now(UTC),
+            )
+            await conn.execute(videos.insert().values(row))
+            await conn.execute(
+                blobs.update()
+                .where(blobs.c.content_hash == content_hash)
+                .values(ref_count=blobs.c.ref_count + 1)
+            )
+    finally:
+        await database.close()
+    return video_id
 
 
 # -- processes -----------------------------------------------------------------------------

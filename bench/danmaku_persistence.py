@@ -60,6 +60,7 @@ from sqlalchemy import func, select
 from bench._harness import (
     RESULTS,
     Server,
+    add_video,
     free_port,
     insert_video,
     machine,
@@ -72,7 +73,7 @@ from scheduler_service.consumers import danmaku as danmaku_consumer
 from scheduler_service.consumers import deletions, media
 from shared.bus import Event, open_bus
 from shared.db import new_id, open_database
-from shared.db.schema import blobs, danmaku, videos
+from shared.db.schema import danmaku
 from shared.events import DANMAKU_CREATED
 
 NAME: Final = "danmaku_persistence"
@@ -245,39 +246,6 @@ async def bare_drain(namespace: str, count: int) -> float:
         await connection.close()
 
 
-async def add_video(db_url: str, owner_id: str, content_hash: str) -> str:
-    """A further ready video of ``owner_id`` over the blob of ``insert_video`` (whose
-    user and blob exist once per database): its id."""
-    now = datetime.now(UTC)
-    video_id = new_id()
-    database = await open_database(db_url)
-    try:
-        async with database.transaction() as conn:
-            await conn.execute(
-                videos.insert().values(
-                    id=video_id,
-                    owner_id=owner_id,
-                    upload_id=new_id(),
-                    title="bench",
-                    description="",
-                    content_hash=content_hash,
-                    size=1,
-                    filename="film.mp4",
-                    status="ready",
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
-            await conn.execute(
-                blobs.update()
-                .where(blobs.c.content_hash == content_hash)
-                .values(ref_count=blobs.c.ref_count + 1)
-            )
-    finally:
-        await database.close()
-    return video_id
-
-
 async def clean_up(namespace: str) -> None:
     bus = await open_bus(AMQP_URL, namespace)
     try:
@@ -385,7 +353,9 @@ def run() -> dict[str, Any]:
         schedulers.stop([declaring])
         for index, processes in enumerate(SCHEDULER_COUNTS):
             if index:  # each drain counts the rows of a video of its own
-                video_id = asyncio.run(add_video(db_url, author_id, content_hash))
+                video_id = asyncio.run(
+                    add_video(db_url, author_id, content_hash=content_hash, size=1)
+                )
             profiled = processes == 1 and all(d["processes"] != 1 for d in drains)
             drains.append(
                 drain(
