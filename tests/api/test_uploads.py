@@ -80,6 +80,14 @@ async def chunks_left(stack: Stack, blob_root: Path) -> list[Path]:
     return stored_files(blob_root, "uploads")
 
 
+async def every_chunk_sent(uploader: Uploader, data: bytes) -> str:
+    """A new upload of ``data`` with every chunk received: its id."""
+    upload_id: str = (await uploader.start(data))["upload_id"]
+    for index, chunk in enumerate(pieces(data)):
+        await uploader.put_ok(upload_id, index, chunk)
+    return upload_id
+
+
 def blob_path(root: Path, data: bytes) -> Path:
     return root / content_blob_key(content_hash(data))
 
@@ -175,9 +183,7 @@ async def test_completion_answers_before_its_chunks_are_removed(
     # Removing a GiB of chunk files takes seconds on some disks; the uploader does not
     # wait for it. Here every removal is held until the answer has arrived.
     data = os.urandom(TWO_CHUNKS)
-    upload_id = (await uploader.start(data))["upload_id"]
-    for index, chunk in enumerate(pieces(data)):
-        await uploader.put_ok(upload_id, index, chunk)
+    upload_id = await every_chunk_sent(uploader, data)
     store = stack.servers["stream"].app[BLOBS]
     delete = store.delete
     answered = asyncio.Event()
@@ -204,9 +210,7 @@ async def test_a_shutdown_may_cut_chunk_removals_short(
     # A blob store that hangs must not hold a stopping process: the removals still running
     # are cancelled and their chunks left to the sweeper.
     data = os.urandom(TWO_CHUNKS)
-    upload_id = (await uploader.start(data))["upload_id"]
-    for index, chunk in enumerate(pieces(data)):
-        await uploader.put_ok(upload_id, index, chunk)
+    upload_id = await every_chunk_sent(uploader, data)
     store = stack.servers["stream"].app[BLOBS]
     hung = asyncio.Event()
 
