@@ -78,7 +78,7 @@ def run_service(
     loop everywhere.
     """
     settings = load_settings_or_exit(service)
-    configure_logging(service, settings.log_level)
+    configure_logging(service, settings.log_level, settings.log_format)
     try:
         app = create_app(settings)
     except ConfigError as error:
