@@ -35,6 +35,12 @@ _SHORT_ID_CHARS = 8
 _WHOLE_ID_CHARS = 16
 
 
+# Control characters (C0, DEL, C1) as \xNN in text lines: a request path is the client's
+# text, decoded (``%0A``, ``%1B``), and raw it could forge a log line or send escape
+# sequences to the terminal reading the log. JSON escapes them already.
+_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+
+
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS}
 
@@ -95,7 +101,7 @@ class TextFormatter(logging.Formatter):
                 request_id if len(request_id) <= _WHOLE_ID_CHARS else request_id[-_SHORT_ID_CHARS:]
             )
             parts.append(f"rid={short}")
-        line = " ".join(parts)
+        line = " ".join(parts).translate(_CONTROL_ESCAPES)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
