@@ -14,8 +14,8 @@ One middleware (``service_middleware``) does, outermost first (the order matters
 
 One coroutine rather than five middlewares: every layer is a frame that each resumption
 of the handler passes through (several per proxied request), ≈ 1-2 µs apiece, and on the
-gateway's hot path that was a measurable share of a cached read (docs/ARCHITECTURE.md,
-"Performance work"). Middlewares an app adds itself (the gateway's CORS) run inside it.
+gateway's hot path that was a measurable share of a cached read (docs/performance.md,
+the third pass). Middlewares an app adds itself (the gateway's CORS) run inside it.
 """
 
 from __future__ import annotations

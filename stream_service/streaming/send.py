@@ -29,7 +29,7 @@ class RangeResponse(web.StreamResponse):
     ``prepare``: a small segment on the wire, then the body, and the client wakes up
     for each. Against nginx, which sends a file's headers and first bytes together
     (``tcp_nopush``), the load tool spent ≈ 140 µs more CPU per 1 MiB range from us
-    (docs/ARCHITECTURE.md, "Performance work"). Held back, the headers leave with the
+    (docs/performance.md, the third pass). Held back, the headers leave with the
     first body write (aiohttp's own path) or, before ``sendfile``, by
     ``send_held_headers``, in one ``send`` flagged ``MSG_MORE``, so the kernel puts the
     file's first bytes in the same segment.
