@@ -6,7 +6,7 @@ ports, processes, rows, wrk; ``_plots``: the PNGs) is one benchmark and exposes:
 - ``NAME``: the file stem of its results (``bench/results/<NAME>.json``);
 - ``run() -> dict``: measures (starting whatever processes it needs, blocking until done)
   and returns JSON-able figures, each beside the reference it is compared with, measured
-  in the same run (``../shared/PERF-NOTES.md``: absolute figures drift, ratios hold);
+  in the same run (absolute figures drift with the machine and its load, ratios hold);
 - ``summarize(result) -> list[str]``: the Markdown lines it adds to ``SUMMARY.md``.
 
 The benchmarks: ``api`` (cached metadata read through the gateway vs a bare aiohttp proxy),

@@ -8,7 +8,7 @@ Two servers, measured one after the other in the same run with the same client h
   is a byte pump measured elsewhere), danmaku sent as ``POST .../danmaku`` with the
   gateway's internal token and identity headers, access logs at WARNING;
 - ``bare``: the reference, a bare aiohttp app whose ``POST /send`` loops over its sockets
-  awaiting ``send_str`` on each (PERF-NOTES' "bare aiohttp broadcast loop").
+  awaiting ``send_str`` on each: what aiohttp alone does for a broadcast.
 
 Each danmaku carries the sender's ``time.monotonic()`` (one clock for every process on
 the machine); each viewer computes the delivery latency on arrival. The viewers live in

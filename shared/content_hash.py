@@ -54,8 +54,8 @@ class ContentHasher:
         self._digests = hashlib.sha256()
         self._block = hashlib.sha256()
         self._block_filled = 0
-        # The raw digest of every finished block (32 bytes per 4 MiB): an upload keeps
-        # them per chunk, so completion needs no second pass over the bytes.
+        # The raw digest of every finished block (32 bytes per 4 MiB): an upload records
+        # them per chunk (completion still reads the bytes back: docs/ARCHITECTURE.md).
         self._blocks: list[bytes] = []
         self.size = 0
 

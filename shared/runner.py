@@ -73,12 +73,12 @@ def run_service(
 
     ``event_loop``: uvloop where the process relays requests and small answers (its
     transports and parser glue are C: less CPU per request), asyncio's own where it
-    serves files, since only asyncio's loop has ``sendfile`` (uvloop would copy every
-    byte through Python, ../shared/PERF-NOTES.md). ``VOD_UVLOOP=0`` runs the standard
-    loop everywhere.
+    serves files, since only asyncio's loop has ``sendfile`` (on uvloop every byte of a
+    stream would be read into Python and written out again). ``VOD_UVLOOP=0`` runs the
+    standard loop everywhere.
     """
     settings = load_settings_or_exit(service)
-    configure_logging(service, settings.log_level)
+    configure_logging(service, settings.log_level, settings.log_format)
     try:
         app = create_app(settings)
     except ConfigError as error:

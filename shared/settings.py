@@ -16,6 +16,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from shared.errors import ConfigError
+from shared.logging import LOG_FORMATS
 
 T = TypeVar("T")
 
@@ -91,6 +92,8 @@ class Settings:
     shutdown_drain_seconds: float = 0.0
     shutdown_timeout: float = 30.0
     log_level: str = "INFO"
+    # "auto": short text lines when stderr is a terminal, JSON lines otherwise (shared.logging).
+    log_format: str = "auto"
     # The gateway, the api and the scheduler run on uvloop unless this is off (the
     # standard loop, to rule uvloop out when chasing a problem); see shared.runner.
     uvloop: bool = True
@@ -167,6 +170,7 @@ class Settings:
             ),
             shutdown_timeout=reader.parse("VOD_SHUTDOWN_TIMEOUT", "30", _positive_float),
             log_level=reader.parse("VOD_LOG_LEVEL", "INFO", _log_level),
+            log_format=reader.parse("VOD_LOG_FORMAT", "auto", _log_format),
             uvloop=reader.parse("VOD_UVLOOP", "1", _bool),
             argon2_time_cost=reader.parse("VOD_ARGON2_TIME_COST", "3", _positive_int),
             argon2_memory_kib=reader.parse("VOD_ARGON2_MEMORY_KIB", "65536", _positive_int),
@@ -343,6 +347,13 @@ def _origins(raw: str) -> tuple[str, ...]:
         # Browsers send the origin's scheme and host lower-cased (the port as written).
         origins.append(f"{parsed.scheme}://{parsed.netloc.lower()}")
     return tuple(origins)
+
+
+def _log_format(raw: str) -> str:
+    log_format = raw.lower()
+    if log_format not in LOG_FORMATS:
+        raise ValueError("expected auto, json or text")
+    return log_format
 
 
 def _log_level(raw: str) -> str:

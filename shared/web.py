@@ -14,8 +14,8 @@ One middleware (``service_middleware``) does, outermost first (the order matters
 
 One coroutine rather than five middlewares: every layer is a frame that each resumption
 of the handler passes through (several per proxied request), ≈ 1-2 µs apiece, and on the
-gateway's hot path that was a measurable share of a cached read (docs/ARCHITECTURE.md,
-"Performance work"). Middlewares an app adds itself (the gateway's CORS) run inside it.
+gateway's hot path that was a measurable share of a cached read (docs/performance.md,
+the third pass). Middlewares an app adds itself (the gateway's CORS) run inside it.
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ SETTINGS = web.AppKey("settings", Settings)
 SERVICE_NAME = web.AppKey("service_name", str)
 READINESS_CHECKS = web.AppKey("readiness_checks", dict[str, ReadinessCheck])
 REQUEST_ID = web.RequestKey("request_id", str)
+# The level of an app's one line per request (INFO unless set): standalone sets DEBUG on
+# the upstreams, whose every request is one the gateway in the same process logs already.
+REQUEST_LOG_LEVEL = web.AppKey("request_log_level", int)
 
 
 class HttpMetrics:
@@ -332,14 +335,23 @@ def _observe(request: web.Request, metrics: HttpMetrics, status: int, elapsed: f
     route = route_label(request)
     metrics.in_flight_now.dec()
     metrics.observe(route, request.method, status, elapsed)
-    # The check first: the log line's arguments are not built when INFO is off.
-    if logger.isEnabledFor(logging.INFO) and request.path not in UNGUARDED_PATHS:
-        logger.info(
+    app = request.app
+    level = app.get(REQUEST_LOG_LEVEL, logging.INFO)
+    # The check first: the log line's arguments are not built when its level is off.
+    if logger.isEnabledFor(level) and request.path not in UNGUARDED_PATHS:
+        logger.log(
+            level,
             "%s %s %s",
             request.method,
             request.path,
             status,
-            extra={"route": route, "status": status, "ms": round(elapsed * 1000, 2)},
+            extra={
+                # Which app: standalone runs four in one process.
+                "service": app[SERVICE_NAME],
+                "route": route,
+                "status": status,
+                "ms": round(elapsed * 1000, 2),
+            },
         )
 
 

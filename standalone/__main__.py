@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from shared.errors import ConfigError
 from shared.logging import configure_logging
 from shared.runner import EXIT_CONFIG_ERROR, Served, serve_all
 from shared.settings import STANDALONE_DEFAULTS, Settings
+from shared.web import REQUEST_LOG_LEVEL
 from stream_service.app import create_app as create_stream_app
 
 AppFactory = Callable[[Settings], web.Application]
@@ -37,6 +39,19 @@ def _apps(settings: Settings) -> list[tuple[str, AppFactory, int]]:
     ]
 
 
+def _served(settings: Settings) -> list[Served]:
+    served = []
+    for name, factory, port in _apps(settings):
+        app = factory(settings)
+        if name != "gateway":
+            # A person watching `make run` sees one line per request, the gateway's: an
+            # upstream's line for the same request (same request id) is at DEBUG.
+            app[REQUEST_LOG_LEVEL] = logging.DEBUG
+        # Only the gateway faces clients: a hang-up there cancels the upstream call.
+        served.append(Served(name, app, port, handler_cancellation=name == "gateway"))
+    return served
+
+
 def _print_url(settings: Settings) -> None:
     print(  # noqa: T201 - the one line a person running `make run` is waiting for
         f"vod is running: http://{settings.host}:{settings.gateway_port}/  (Ctrl-C to stop)",
@@ -50,7 +65,7 @@ def main() -> None:
     except ConfigError as error:
         print(f"standalone: configuration error: {error}", file=sys.stderr)  # noqa: T201
         raise SystemExit(EXIT_CONFIG_ERROR) from None
-    configure_logging("standalone", settings.log_level)
+    configure_logging("standalone", settings.log_level, settings.log_format)
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     if settings.jwt_private_key is None:
         # A dev pair made on first run and kept under ./var, so sign-ins survive restarts.
@@ -63,11 +78,7 @@ def main() -> None:
             settings, jwt_public_key=TokenSigner(settings.jwt_private_key).public_key_pem()
         )
 
-    served = [
-        # Only the gateway faces clients: a hang-up there cancels the upstream call.
-        Served(name, factory(settings), port, handler_cancellation=name == "gateway")
-        for name, factory, port in _apps(settings)
-    ]
+    served = _served(settings)
     # The same shutdown as each service's own process (shared.runner): requests in flight,
     # uploads whose bodies are still arriving included, finish before the apps close.
     asyncio.run(serve_all(served, settings, on_ready=lambda: _print_url(settings)))

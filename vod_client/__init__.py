@@ -1,7 +1,7 @@
-"""vod's client for people and programs: the upload CLI (``python -m vod_client``) and the
-async client class it is built on, which the tests and the benchmarks use too, and a
-blocking client of the same API (``SyncVodClient``) for code that is not asyncio, such as
-the locust load test."""
+"""vod's client for people and programs: the upload CLI (``vod``, or ``python -m
+vod_client``) and the async client class it is built on, which the tests and the
+benchmarks use too, and a blocking client of the same API (``SyncVodClient``) for code
+that is not asyncio, such as the locust load test."""
 
 from vod_client.client import ApiError, OfflineError, UploadResult, VodClient
 from vod_client.progress import ProgressBar

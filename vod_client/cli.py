@@ -1,4 +1,7 @@
-"""``python -m vod_client upload FILE --title TITLE``: upload a file and publish it.
+"""``vod upload FILE --title TITLE``: upload a file and publish it.
+
+``vod`` is the console script ``make install`` puts in ``.venv/bin`` (it runs outside the
+venv, too); ``python -m vod_client`` is the same command from inside it.
 
 Signs in with ``--username``/``--password`` (or ``VOD_USERNAME``/``VOD_PASSWORD``), or
 uses the access token in ``VOD_TOKEN``. Sends ``--parallel`` chunks at once with a
@@ -22,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from shared.content_hash import BLOCK_SIZE
 from vod_client.client import DEFAULT_PARALLEL, MIB, ApiError, OfflineError, VodClient
 from vod_client.progress import ProgressBar
 from vod_client.resume import ResumeStore, default_folder
@@ -35,6 +39,11 @@ EXIT_TOO_LARGE: Final = 4
 EXIT_OFFLINE: Final = 5
 EXIT_INTERRUPTED: Final = 130
 DEFAULT_URL: Final = "http://127.0.0.1:8000"
+# The stream service's rule for a chunk size: whole blocks of the content hash (so each
+# chunk's block digests are its own) and at least 8 MiB. Checked here, before hashing.
+CHUNK_MIB_STEP: Final = BLOCK_SIZE // MIB
+MIN_CHUNK_MIB: Final = 8
+INSTANT_MESSAGE: Final = "already on the server: uploaded instantly"
 
 
 class UsageError(Exception):
@@ -42,7 +51,12 @@ class UsageError(Exception):
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="python -m vod_client", description=__doc__.split("\n")[0])
+    root = argparse.ArgumentParser(
+        prog="vod",
+        description="Upload a video file to vod and publish it.",
+        epilog=f"Chunks are a multiple of {CHUNK_MIB_STEP} MiB, at least {MIN_CHUNK_MIB} MiB "
+        "(--chunk-mib); `vod upload --help` lists every option.",
+    )
     commands = root.add_subparsers(dest="command", required=True)
     upload = commands.add_parser("upload", help="upload a file and publish it as a video")
     upload.add_argument("file", type=Path)
@@ -54,7 +68,13 @@ def parser() -> argparse.ArgumentParser:
     upload.add_argument(
         "--parallel", type=int, default=DEFAULT_PARALLEL, help="chunks in flight (default 4)"
     )
-    upload.add_argument("--chunk-mib", type=int, default=8, help="chunk size, a multiple of 4")
+    upload.add_argument(
+        "--chunk-mib",
+        type=int,
+        default=MIN_CHUNK_MIB,
+        help=f"chunk size in MiB: a multiple of {CHUNK_MIB_STEP}, at least {MIN_CHUNK_MIB} "
+        f"(default {MIN_CHUNK_MIB})",
+    )
     upload.add_argument("--no-resume", action="store_true", help="start over, remember nothing")
     upload.add_argument("--quiet", action="store_true", help="no progress bar")
     return root
@@ -91,8 +111,10 @@ async def upload_command(
         raise UsageError("sign in with --username (or VOD_USERNAME), or set VOD_TOKEN")
     if args.parallel < 1:
         raise UsageError("--parallel must be at least 1")
-    if args.chunk_mib < 8 or args.chunk_mib % 4:  # noqa: PLR2004
-        raise UsageError("--chunk-mib must be a multiple of 4, at least 8")
+    if args.chunk_mib < MIN_CHUNK_MIB or args.chunk_mib % CHUNK_MIB_STEP:
+        raise UsageError(
+            f"--chunk-mib must be a multiple of {CHUNK_MIB_STEP}, at least {MIN_CHUNK_MIB}"
+        )
     try:
         source = FileSource(args.file)
     except OSError as exc:
@@ -123,19 +145,23 @@ async def upload_command(
 
             if not args.quiet:
                 stderr.write(f"hashing {args.file} ({source.size / MIB:,.1f} MiB)\n")
-            video = await client.publish(
+            result = await client.upload(
                 source,
-                title=args.title,
-                description=args.description,
                 chunk_size=args.chunk_mib * MIB,
                 parallel=args.parallel,
                 resume=None if args.no_resume else ResumeStore(default_folder(env)),
                 on_size=on_size,
                 on_progress=on_progress,
             )
-            if bar is not None:
+            if result.instant:
+                # Nothing was sent, only a proof of holding the bytes: a speed would be 0.
+                if not args.quiet:
+                    stderr.write(INSTANT_MESSAGE + "\n")
+            elif bar is not None:
                 bar.finish()
-            return video
+            return await client.create_video(
+                upload_id=result.upload_id, title=args.title, description=args.description
+            )
 
 
 def main(

@@ -69,7 +69,7 @@ async def watch_live(request: web.Request) -> web.StreamResponse:
     service = request.app[DANMAKU]
     hub = request.app[LIVE_HUB]
     ws = web.WebSocketResponse(
-        compress=False,  # permessage-deflate ≈ 2.2x CPU per delivery (PERF-NOTES)
+        compress=False,  # permessage-deflate ≈ 2.2x CPU per delivery, for a few dozen bytes
         heartbeat=HEARTBEAT_SECONDS,
         max_msg_size=MAX_MESSAGE_BYTES,
     )

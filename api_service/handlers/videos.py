@@ -13,7 +13,7 @@ from shared.web import json_response, read_json, require_identity
 
 
 def video_json(video: Video) -> dict[str, Any]:
-    """The public shape of a video (DESIGN.md "Videos")."""
+    """The public shape of a video (``Video`` in gateway/openapi.json)."""
     body: dict[str, Any] = {
         "id": video.id,
         "title": video.title,

@@ -22,7 +22,7 @@ from shared.errors import BadRequestError, ForbiddenError, NotFoundError
 
 
 def comment_json(comment: Comment) -> dict[str, Any]:
-    """The public shape of a comment (DESIGN.md "Comments and danmaku")."""
+    """The public shape of a comment (``Comment`` in gateway/openapi.json)."""
     return {
         "id": comment.id,
         "author": {"id": comment.author_id, "username": comment.author_username},

@@ -6,8 +6,7 @@ serves blocks of that size by ``mmap`` until its adaptive threshold catches up, 
 gives the top of the heap back to the kernel whenever more than twice that threshold is
 free. Under a stream of 1 MiB range requests the gateway thus faulted in 35-90 fresh
 pages (4 KiB each) per request, and first-touch memory is slow on the VMs this runs on
-(../shared/PERF-NOTES.md: ≈ 1 GB/s): measured, ≈ 18 % of the gateway's CPU per proxied
-1 MiB range went to it.
+(≈ 1 GB/s): measured, ≈ 18 % of the gateway's CPU per proxied 1 MiB range went to it.
 
 ``keep_freed_buffers`` fixes the two thresholds: blocks up to ``MMAP_THRESHOLD_BYTES``
 come from the heap, and up to ``TRIM_THRESHOLD_BYTES`` of free heap is kept for the next

@@ -73,7 +73,8 @@ from shared.logging import request_id_var
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 5.0
-# PERF-NOTES: 100 confirms in flight gave 4.6x the one-by-one rate; more adds little.
+# Publishes wait for their confirms together: 100 in flight gave 4.6x the rate of one at a
+# time against a local RabbitMQ; more adds little.
 DEFAULT_MAX_IN_FLIGHT = 128
 JSON = "application/json"
 # Generous for a local delay queue name; probing stops at the first one missing.

@@ -89,7 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.revision = getattr(args, "revision", "")
 
-    configure_logging("db", os.environ.get("VOD_LOG_LEVEL", "INFO").upper())
+    configure_logging(
+        "db",
+        os.environ.get("VOD_LOG_LEVEL", "INFO").upper(),
+        os.environ.get("VOD_LOG_FORMAT", "auto").lower(),
+    )
     try:
         asyncio.run(
             _run(

@@ -62,8 +62,9 @@ class CheckedChunk:
     read), refused with a 400 if short or a 422 if its SHA-256 is not ``expected_sha256``,
     both raised before the last piece is yielded. One pass over the bytes computes both
     the chunk's SHA-256 and the SHA-256 of each 4 MiB content-hash block
-    (``block_digests``: kept with the chunk, completion needs no second pass; the first
-    block shares the chunk's hash, ``ChunkDigests``), in slices
+    (``block_digests``: recorded with the chunk, though completion reads the bytes back
+    rather than trust them, docs/ARCHITECTURE.md "Uploads"; the first block shares the
+    chunk's hash, ``ChunkDigests``), in slices
     of ``HASH_SLICE_BYTES`` in a worker thread while the next slice arrives. The blob
     store takes the chunk's digest from ``sha256_hexdigest`` instead of hashing the bytes
     again.

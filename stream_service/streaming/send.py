@@ -14,7 +14,7 @@ from shared.blobs import BlobStore
 from stream_service.streaming.open_files import OpenBlobFiles
 
 # Fallback read size when sendfile is not available (TLS, uvloop): large pieces keep the
-# per-chunk overhead small (PERF-NOTES: 2 MiB recovered most of sendfile's speed).
+# per-chunk overhead small (measured: 2 MiB pieces recovered most of sendfile's speed).
 FALLBACK_CHUNK = 2 * 1024 * 1024
 # sendfile is handed the range in slices of this size so the bytes-sent counter moves
 # while a long range is sent, and stops when the client stops reading (each slice is
@@ -29,7 +29,7 @@ class RangeResponse(web.StreamResponse):
     ``prepare``: a small segment on the wire, then the body, and the client wakes up
     for each. Against nginx, which sends a file's headers and first bytes together
     (``tcp_nopush``), the load tool spent ≈ 140 µs more CPU per 1 MiB range from us
-    (docs/ARCHITECTURE.md, "Performance work"). Held back, the headers leave with the
+    (docs/performance.md, the third pass). Held back, the headers leave with the
     first body write (aiohttp's own path) or, before ``sendfile``, by
     ``send_held_headers``, in one ``send`` flagged ``MSG_MORE``, so the kernel puts the
     file's first bytes in the same segment.

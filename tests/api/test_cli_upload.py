@@ -142,6 +142,28 @@ async def test_a_file_the_server_has_goes_up_instantly_with_a_proof(
     assert (await second.status(result.upload_id))["state"] == "complete"
 
 
+async def test_a_file_the_server_has_is_reported_as_uploaded_instantly(
+    stack: Stack, film: Path, film_data: bytes, cache: Path
+) -> None:
+    first = Uploader(stack, await stack.new_user())
+    with FileSource(film) as source:
+        await first.client().upload(source)
+    username = await signed_up(stack)
+    code, out, err = await run_cli(
+        "upload", str(film), "--title", "Again", "--url", gateway_url(stack),
+        env={"VOD_USERNAME": username, "VOD_PASSWORD": PASSWORD, "VOD_CACHE_DIR": str(cache)},
+    )  # fmt: skip
+
+    assert code == EXIT_OK, err
+    # Nothing was sent: no speed (it would read "0.0 MB/s"), one line saying why.
+    assert err.splitlines()[-1] == "already on the server: uploaded instantly"
+    assert "MB/s" not in err
+    video = json.loads(out)
+    assert video["title"] == "Again"
+    stream = await stack.gateway.get(f"/api/v1/videos/{video['id']}/stream")
+    assert await stream.read() == film_data
+
+
 async def test_a_forgotten_upload_on_the_server_starts_over(
     stack: Stack, film: Path, film_data: bytes, cache: Path
 ) -> None:

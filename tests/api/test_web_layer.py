@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from shared.errors import NotFoundError, RateLimitedError
+from shared.logging import TextFormatter
 from shared.settings import Settings
 from shared.web import READINESS_CHECKS, create_base_app, json_response, read_json
 from tests.problems import problem
@@ -173,3 +175,24 @@ async def test_readyz_reports_each_check_and_fails_when_one_fails(
     body = await response.json()
     assert body["checks"] == {"database": "ok", "redis": "error: ConnectionRefusedError"}
     assert (await client.get("/healthz")).status == 200
+
+
+async def test_a_hostile_path_cannot_forge_or_paint_a_text_log_line(
+    client: TestClient[web.Request, web.Application], caplog: pytest.LogCaptureFixture
+) -> None:
+    terminal = io.StringIO()
+    handler = logging.StreamHandler(terminal)
+    handler.setFormatter(TextFormatter("test"))
+    request_log = logging.getLogger("shared.web")
+    caplog.set_level(logging.INFO, logger="shared.web")
+    request_log.addHandler(handler)
+    try:
+        # Decoded by the server: a newline, a forged line, and a clear-screen sequence.
+        response = await client.get("/items/x%0A12:00:00%20gateway%20GET%20/admin%20200%1B[2J")
+        assert response.status == 404  # the decoded path has a "/" more: no route
+    finally:
+        request_log.removeHandler(handler)
+    written = terminal.getvalue()
+    assert written.count("\n") == 1, written
+    assert "\x1b" not in written
+    assert "/items/x\\x0a12:00:00 gateway GET /admin 200\\x1b[2J 404 " in written

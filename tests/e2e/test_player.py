@@ -49,7 +49,7 @@ def make_mp4() -> bytes:
             frame = frame.reformat(format="yuv420p")
             frame.pts = index
             frame.time_base = Fraction(1, FPS)
-            # LIBRARY-NOTES: a synthetic frame's type must be NONE, or each is a keyframe.
+            # A synthetic source marks every frame as a keyframe unless told otherwise.
             frame.pict_type = av.video.frame.PictureType.NONE
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,9 +18,8 @@ from tests.e2e.processes import ROOT, free_port
 pytestmark = pytest.mark.e2e
 
 
-async def test_standalone_serves_all_four_and_stops_cleanly(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("gateway", "api", "stream", "scheduler")}
-    env = {
+def standalone_env(ports: dict[str, int]) -> dict[str, str]:
+    return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PYTHONPATH": str(ROOT),
         "VOD_GATEWAY_PORT": str(ports["gateway"]),
@@ -30,6 +30,15 @@ async def test_standalone_serves_all_four_and_stops_cleanly(tmp_path: Path) -> N
         "VOD_STREAM_URL": f"http://127.0.0.1:{ports['stream']}",
         "VOD_SCHEDULER_URL": f"http://127.0.0.1:{ports['scheduler']}",
     }
+
+
+def free_ports() -> dict[str, int]:
+    return {name: free_port() for name in ("gateway", "api", "stream", "scheduler")}
+
+
+async def test_standalone_serves_all_four_and_stops_cleanly(tmp_path: Path) -> None:
+    ports = free_ports()
+    env = standalone_env(ports)
     # cwd is a fresh folder: everything standalone writes must land under its ./var.
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -66,3 +75,40 @@ async def test_standalone_serves_all_four_and_stops_cleanly(tmp_path: Path) -> N
             process.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(process.wait(), timeout=60)
     assert code == 0
+
+
+async def test_standalone_logs_one_short_line_per_proxied_request(tmp_path: Path) -> None:
+    ports = free_ports()
+    # VOD_LOG_FORMAT=text: what a terminal gets (stderr is a pipe here, which gets JSON).
+    env = standalone_env(ports) | {"VOD_LOG_FORMAT": "text"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "standalone",
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        await asyncio.wait_for(process.stdout.readline(), timeout=60)
+        gateway = f"http://127.0.0.1:{ports['gateway']}"
+        async with (
+            aiohttp.ClientSession() as session,
+            # Through the gateway to the api and back, under a request id of our own.
+            session.get(
+                f"{gateway}/api/v1/videos", headers={"X-Request-ID": "one-line-please"}
+            ) as response,
+        ):
+            assert response.status == 200, await response.text()
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    lines = [line for line in err.decode().splitlines() if "one-line-please" in line]
+    # The gateway's line only: the api's line for the same request is at DEBUG.
+    assert len(lines) == 1, lines
+    assert re.fullmatch(
+        r"\d\d:\d\d:\d\d gateway GET /api/v1/videos 200 \d+ms rid=one-line-please", lines[0]
+    ), lines

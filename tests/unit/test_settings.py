@@ -63,6 +63,7 @@ def test_missing_variable_is_named(missing: str) -> None:
         ("VOD_NAMESPACE", "Bad Name"),
         ("VOD_INTERNAL_TOKEN", "changeme"),
         ("VOD_LOG_LEVEL", "LOUD"),
+        ("VOD_LOG_FORMAT", "pretty"),
     ],
 )
 def test_malformed_variable_is_named(variable: str, value: str) -> None:
