@@ -70,6 +70,18 @@ def parse_credentials(body: Any) -> Credentials:
     return Credentials(username=username, password=password)
 
 
+def parse_cookie_mode(body: Any) -> bool:
+    """The optional ``cookie`` flag of a sign-in: true asks for the refresh token in an
+    HttpOnly cookie (the web page) instead of the body (API clients)."""
+    value = _object(body).get("cookie", False)
+    if not isinstance(value, bool):
+        raise ValidationError(
+            "cookie must be true or false.",
+            errors=[{"field": "cookie", "problem": "must be a boolean"}],
+        )
+    return value
+
+
 def parse_refresh_token(body: Any) -> str:
     data = _object(body)
     errors: list[dict[str, str]] = []

@@ -14,8 +14,10 @@ gateway's policy.
   gets ``Access-Control-Allow-Origin`` and ``Access-Control-Expose-Headers`` when its
   ``Origin`` is allowed, and ``Vary: Origin`` whenever CORS is on, because whether those
   headers are present depends on the request's origin (streams are ``public`` and cached).
-- No ``Access-Control-Allow-Credentials``: the API authenticates with Bearer tokens, never
-  cookies, so credentialed requests are neither needed nor allowed.
+- No ``Access-Control-Allow-Credentials``: the API authenticates with Bearer tokens; its
+  only cookies are the web page's own session cookies (``api_service.session_cookies``),
+  for the page's origin alone. Credentialed cross-origin requests are neither needed nor
+  allowed: a page on another origin never gets to read an answer a cookie obtained.
 """
 
 from __future__ import annotations

@@ -71,6 +71,9 @@ class Settings:
     # After a user's write, their reads stay on the primary this long (replica lag bound).
     db_read_your_writes_seconds: float = 5.0
     cors_origins: tuple[str, ...] = ()
+    # The page's session cookies are Secure even when the gateway is reached over plain
+    # http: TLS ends at a balancer in front of it (api_service.session_cookies).
+    secure_cookies: bool = False
     max_upload_bytes: int = 20 * GIB
     # Bytes each user may keep in videos and uploads; 0 = unlimited (stream_service).
     user_quota_bytes: int = 0
@@ -151,6 +154,7 @@ class Settings:
                 "VOD_DB_READ_YOUR_WRITES_SECONDS", "5", _positive_float
             ),
             cors_origins=reader.parse("VOD_CORS_ORIGINS", "", _origins),
+            secure_cookies=reader.parse("VOD_SECURE_COOKIES", "0", _bool),
             max_upload_bytes=reader.parse("VOD_MAX_UPLOAD_BYTES", str(20 * GIB), _positive_int),
             user_quota_bytes=reader.parse("VOD_USER_QUOTA_BYTES", "0", _non_negative_int),
             max_json_bytes=reader.parse("VOD_MAX_JSON_BYTES", str(64 * 1024), _positive_int),

@@ -8,8 +8,22 @@ from aiohttp import web
 
 from api_service.keys import SESSIONS, USERS
 from api_service.repositories.users import User
-from api_service.schemas import parse_credentials, parse_new_user, parse_refresh_token
+from api_service.schemas import (
+    parse_cookie_mode,
+    parse_credentials,
+    parse_new_user,
+    parse_refresh_token,
+)
 from api_service.services.sessions import TokenPair
+from api_service.session_cookies import (
+    DEVICE_COOKIE,
+    REFRESH_COOKIE,
+    clear_session_cookies,
+    cookie_value,
+    refuse_cross_site,
+    set_session_cookies,
+)
+from shared.errors import UnauthorizedError
 from shared.web import json_response, read_json, request_identity, require_identity
 
 # Token responses must never be stored by a browser or proxy cache (RFC 6749 §5.1).
@@ -27,6 +41,17 @@ def token_json(pair: TokenPair) -> dict[str, Any]:
         "token_type": pair.token_type,
         "expires_in": pair.expires_in,
     }
+
+
+def token_response(request: web.Request, pair: TokenPair) -> web.Response:
+    """A device-bound pair's refresh token goes in cookies only, never in the body."""
+    if pair.device_id is None:
+        return json_response(token_json(pair), headers=NO_STORE)
+    body = token_json(pair)
+    del body["refresh_token"]
+    response = json_response(body, headers=NO_STORE)
+    set_session_cookies(request, response, pair, pair.device_id)
+    return response
 
 
 def client_address(request: web.Request) -> str:
@@ -55,18 +80,41 @@ async def get_user(request: web.Request) -> web.Response:
 
 
 async def create_session(request: web.Request) -> web.Response:
-    credentials = parse_credentials(await read_json(request))
+    body = await read_json(request)
+    credentials = parse_credentials(body)
+    cookie_mode = parse_cookie_mode(body)
+    if cookie_mode:
+        refuse_cross_site(request)
     pair = await request.app[SESSIONS].sign_in(
-        credentials.username, credentials.password, address=client_address(request)
+        credentials.username,
+        credentials.password,
+        address=client_address(request),
+        bind_device=cookie_mode,
     )
-    return json_response(token_json(pair), headers=NO_STORE)
+    return token_response(request, pair)
 
 
 async def refresh_session(request: web.Request) -> web.Response:
-    pair = await request.app[SESSIONS].refresh(parse_refresh_token(await read_json(request)))
-    return json_response(token_json(pair), headers=NO_STORE)
+    """A JSON body names the token (API clients); no body means the page's cookie."""
+    if request.body_exists:
+        presented = parse_refresh_token(await read_json(request))
+    else:
+        refuse_cross_site(request)
+        cookie = cookie_value(request, REFRESH_COOKIE)
+        if cookie is None:
+            raise UnauthorizedError(
+                "Send a refresh_token in the body, or sign in again.",
+                code="refresh_token_missing",
+            )
+        presented = cookie
+    pair = await request.app[SESSIONS].refresh(
+        presented, device_id=cookie_value(request, DEVICE_COOKIE)
+    )
+    return token_response(request, pair)
 
 
 async def delete_session(request: web.Request) -> web.Response:
     await request.app[SESSIONS].sign_out(require_identity(request))
-    return web.Response(status=204)
+    response = web.Response(status=204)
+    clear_session_cookies(request, response)
+    return response

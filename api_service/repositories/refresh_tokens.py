@@ -20,6 +20,8 @@ class RefreshTokenRecord:
     expires_at: datetime
     spent_at: datetime | None
     revoked_at: datetime | None
+    # SHA-256 of the device id the family is bound to; None: bound to no device.
+    device_hash: str | None = None
 
 
 class RefreshTokenRepository:
@@ -35,6 +37,7 @@ class RefreshTokenRepository:
         user_id: str,
         created_at: datetime,
         expires_at: datetime,
+        device_hash: str | None = None,
     ) -> None:
         await conn.execute(
             refresh_tokens.insert().values(
@@ -43,6 +46,7 @@ class RefreshTokenRepository:
                 user_id=user_id,
                 created_at=created_at,
                 expires_at=expires_at,
+                device_hash=device_hash,
             )
         )
 
@@ -61,6 +65,7 @@ class RefreshTokenRepository:
             expires_at=row["expires_at"],
             spent_at=row["spent_at"],
             revoked_at=row["revoked_at"],
+            device_hash=row["device_hash"],
         )
 
     async def spend(self, conn: AsyncConnection, token_hash: str, now: datetime) -> bool:

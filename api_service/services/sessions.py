@@ -5,11 +5,17 @@ leaked table cannot be replayed. Each sign-in starts a *family*; every refresh s
 presented token and adds the next one to the family. Presenting a spent token means two
 parties hold it (one of them a thief), so the whole family is revoked, the newest token
 too, and the access tokens of the family stop at the gateway at once.
+
+A browser sign-in may bind its family to a device: a random device id, kept by the browser
+beside the refresh token (``api_service.session_cookies``) and stored, as its SHA-256, on
+every token of the family. A refresh without the matching device id is refused and, as
+the token has left the browser it was given to, revokes the family.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +46,9 @@ class TokenPair:
     refresh_token: str
     expires_in: int
     token_type: str = "Bearer"  # noqa: S105 - the OAuth token type, not a secret
+    # The device the family is bound to (a browser's cookie mode); None for API clients.
+    device_id: str | None = None
+    refresh_expires_in: int = REFRESH_TOKEN_SECONDS
 
 
 def hash_refresh_token(token: str) -> str:
@@ -103,7 +112,9 @@ class SessionService:
         self._refresh_lifetime = timedelta(seconds=refresh_lifetime)
         self._clock = clock
 
-    async def sign_in(self, username: str, password: str, *, address: str) -> TokenPair:
+    async def sign_in(
+        self, username: str, password: str, *, address: str, bind_device: bool = False
+    ) -> TokenPair:
         await self._throttle.check(username, address)
         user = await self._users.by_username(username)
         # Verified even for an unknown username (against a decoy), so both take as long.
@@ -114,11 +125,12 @@ class SessionService:
         await self._throttle.succeeded(username)
         if self._hasher.needs_rehash(user.password_hash):
             await self._users.set_password_hash(user.id, await self._hasher.hash(password))
-        return await self._start_family(user)
+        return await self._start_family(user, bind_device=bind_device)
 
-    async def _start_family(self, user: User) -> TokenPair:
+    async def _start_family(self, user: User, *, bind_device: bool = False) -> TokenPair:
         family_id = new_id()
         refresh_token = secrets.token_urlsafe(32)
+        device_id = secrets.token_urlsafe(32) if bind_device else None
         async with self._db.transaction() as conn:
             await self._refresh_tokens.add(
                 conn,
@@ -127,10 +139,13 @@ class SessionService:
                 user_id=user.id,
                 created_at=self._clock(),
                 expires_at=self._clock() + self._refresh_lifetime,
+                device_hash=None if device_id is None else hash_refresh_token(device_id),
             )
-        return self._pair(user, family_id, refresh_token)
+        return self._pair(user, family_id, refresh_token, device_id)
 
-    def _pair(self, user: User, family_id: str, refresh_token: str) -> TokenPair:
+    def _pair(
+        self, user: User, family_id: str, refresh_token: str, device_id: str | None
+    ) -> TokenPair:
         access_token, _identity = self._signer.issue(
             user_id=user.id, username=user.username, family_id=family_id
         )
@@ -138,9 +153,13 @@ class SessionService:
             access_token=access_token,
             refresh_token=refresh_token,
             expires_in=self._signer.lifetime,
+            device_id=device_id,
+            refresh_expires_in=int(self._refresh_lifetime.total_seconds()),
         )
 
-    async def refresh(self, presented: str) -> TokenPair:
+    async def refresh(self, presented: str, *, device_id: str | None = None) -> TokenPair:
+        """The next pair of ``presented``'s family; ``device_id`` is the caller's device
+        cookie, required (and matched) when the family is bound to a device."""
         now = self._clock()
         token_hash = hash_refresh_token(presented)
         invalid = UnauthorizedError(
@@ -149,6 +168,13 @@ class SessionService:
         record = await self._refresh_tokens.find(token_hash)
         if record is None or record.revoked_at is not None or record.expires_at <= now:
             raise invalid
+        if record.device_hash is not None and not _same_device(record.device_hash, device_id):
+            await self._revoke_family(record.family_id)
+            raise UnauthorizedError(
+                "This refresh token was presented without the device it belongs to; every "
+                "session of its sign-in is revoked. Sign in again.",
+                code="refresh_token_wrong_device",
+            )
         user = await self._users.by_id(record.user_id)
         if user is None:
             raise invalid
@@ -164,6 +190,7 @@ class SessionService:
                     user_id=user.id,
                     created_at=now,
                     expires_at=now + self._refresh_lifetime,
+                    device_hash=record.device_hash,
                 )
         if not spent:
             await self._revoke_family(record.family_id)
@@ -172,7 +199,8 @@ class SessionService:
                 "revoked. Sign in again.",
                 code="refresh_token_reused",
             )
-        return self._pair(user, record.family_id, next_token)
+        bound_to = device_id if record.device_hash is not None else None
+        return self._pair(user, record.family_id, next_token, bound_to)
 
     async def sign_out(self, identity: Identity) -> None:
         """Revoke the presented access token now and the refresh family behind it."""
@@ -186,3 +214,9 @@ class SessionService:
         await self._kv.set(revoked_family_key(family_id), "1", ex=self._signer.lifetime + 60)
         async with self._db.transaction() as conn:
             await self._refresh_tokens.revoke_family(conn, family_id, self._clock())
+
+
+def _same_device(device_hash: str, device_id: str | None) -> bool:
+    if device_id is None:
+        return False
+    return hmac.compare_digest(device_hash, hash_refresh_token(device_id))

@@ -30,7 +30,12 @@ def forward_to(route: ProxyRoute) -> Handler:
                 open_websockets=request.app[OPEN_WEBSOCKETS],
             )
         return await forward_http(
-            request, upstreams, route.service, internal_token=internal_token, identity=identity
+            request,
+            upstreams,
+            route.service,
+            internal_token=internal_token,
+            identity=identity,
+            cookies=route.cookies,
         )
 
     forward.__name__ = f"forward_{route.name}"

@@ -17,6 +17,7 @@ import logging
 from typing import Final
 
 from aiohttp import ClientError, ClientResponse, web
+from multidict import CIMultiDict
 
 from gateway.identity import ACCESS_TOKEN_PARAM
 from gateway.proxy.client import UpstreamClient, upstream_error
@@ -58,9 +59,13 @@ async def forward_http(
     *,
     internal_token: str,
     identity: Identity | None,
+    cookies: bool = False,
 ) -> web.StreamResponse:
-    """Sends ``request`` to ``service`` and streams the answer back to the client."""
-    headers = upstream_request_headers(request, internal_token=internal_token, identity=identity)
+    """Sends ``request`` to ``service`` and streams the answer back to the client; cookies
+    cross in either direction only if ``cookies``."""
+    headers = upstream_request_headers(
+        request, internal_token=internal_token, identity=identity, cookies=cookies
+    )
     has_body = request.body_exists
     settings = request.app[SETTINGS]
     # A client that sends its body too slowly is dropped (gateway.proxy.pacing).
@@ -73,9 +78,10 @@ async def forward_http(
         body=lambda: paced_body(request, pace, REQUEST_CHUNK_BYTES) if has_body else None,
     )
     try:
+        response_headers = client_response_headers(upstream.headers, cookies=cookies)
         if _small_body(request, upstream):
-            return await _whole_response(upstream, service)
-        return await _relay_response(request, upstream, service)
+            return await _whole_response(upstream, service, response_headers)
+        return await _relay_response(request, upstream, service, response_headers)
     finally:
         # A body not read to its end leaves the connection mid-response: close it rather
         # than return it to the pool (a no-op when the body was read to its end).
@@ -96,7 +102,9 @@ def _small_body(request: web.Request, upstream: ClientResponse) -> bool:
     )
 
 
-async def _whole_response(upstream: ClientResponse, service: Service) -> web.Response:
+async def _whole_response(
+    upstream: ClientResponse, service: Service, headers: CIMultiDict[str]
+) -> web.Response:
     """The upstream's small answer as one response: headers and body leave in one write."""
     try:
         body = await upstream.content.read()  # to the end: the caller then releases
@@ -107,7 +115,7 @@ async def _whole_response(upstream: ClientResponse, service: Service) -> web.Res
     return web.Response(
         status=upstream.status,
         reason=upstream.reason,
-        headers=client_response_headers(upstream.headers),
+        headers=headers,
         body=body,
     )
 
@@ -121,13 +129,9 @@ class RelayedResponse(web.StreamResponse):
 
 
 async def _relay_response(
-    request: web.Request, upstream: ClientResponse, service: Service
+    request: web.Request, upstream: ClientResponse, service: Service, headers: CIMultiDict[str]
 ) -> web.StreamResponse:
-    response = RelayedResponse(
-        status=upstream.status,
-        reason=upstream.reason,
-        headers=client_response_headers(upstream.headers),
-    )
+    response = RelayedResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     try:
         await response.prepare(request)
         while True:

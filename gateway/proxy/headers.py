@@ -1,7 +1,10 @@
 """Which headers cross the gateway, in each direction.
 
 End-to-end headers pass untouched (``Range``, ``If-Range``, ``Content-Range``,
-``Accept-Ranges``, ``ETag``, ``Content-Length``, ``Content-Encoding``, cookies, ...).
+``Accept-Ranges``, ``ETag``, ``Content-Length``, ``Content-Encoding``, ...). Cookies pass
+only where the routing table says (the sessions routes, for the web page's refresh
+token): elsewhere a client's ``Cookie`` is dropped, and so is an upstream's
+``Set-Cookie``, so no other route can read the session cookies or set a cookie at all.
 Hop-by-hop headers (RFC 9110 §7.6.1) describe one connection and never cross. Headers
 that carry trust between the gateway and its upstreams are only ever set by the gateway:
 a client sending them is ignored, whatever it sent.
@@ -76,6 +79,10 @@ CORS_HEADER_PREFIX: Final = "access-control-"
 _REQUEST_DROPPED: Final = HOP_BY_HOP | _GATEWAY_OWNED | _REQUEST_ONLY_DROPPED
 _WEBSOCKET_REQUEST_DROPPED: Final = _REQUEST_DROPPED | _WEBSOCKET_HANDSHAKE
 _RESPONSE_HOP_DROPPED: Final = HOP_BY_HOP | _RESPONSE_DROPPED
+# The same on routes without cookies (every route but the sessions').
+_REQUEST_DROPPED_NO_COOKIES: Final = _REQUEST_DROPPED | {"cookie"}
+_WEBSOCKET_REQUEST_DROPPED_NO_COOKIES: Final = _WEBSOCKET_REQUEST_DROPPED | {"cookie"}
+_RESPONSE_HOP_DROPPED_NO_COOKIES: Final = _RESPONSE_HOP_DROPPED | {"set-cookie"}
 
 
 def _dropped(headers: CIMultiDictProxy[str], fixed: frozenset[str]) -> frozenset[str]:
@@ -96,11 +103,14 @@ def upstream_request_headers(
     internal_token: str,
     identity: Identity | None,
     websocket: bool = False,
+    cookies: bool = False,
 ) -> CIMultiDict[str]:
-    """The headers to send upstream for ``request``."""
-    dropped = _dropped(
-        request.headers, _WEBSOCKET_REQUEST_DROPPED if websocket else _REQUEST_DROPPED
-    )
+    """The headers to send upstream for ``request``; its ``Cookie`` only if ``cookies``."""
+    if websocket:
+        fixed = _WEBSOCKET_REQUEST_DROPPED if cookies else _WEBSOCKET_REQUEST_DROPPED_NO_COOKIES
+    else:
+        fixed = _REQUEST_DROPPED if cookies else _REQUEST_DROPPED_NO_COOKIES
+    dropped = _dropped(request.headers, fixed)
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
         lowered = name.lower()
@@ -119,9 +129,14 @@ def upstream_request_headers(
     return headers
 
 
-def client_response_headers(upstream_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The upstream response's headers that go on to the client."""
-    dropped = _dropped(upstream_headers, _RESPONSE_HOP_DROPPED)
+def client_response_headers(
+    upstream_headers: CIMultiDictProxy[str], *, cookies: bool = False
+) -> CIMultiDict[str]:
+    """The upstream response's headers that go on to the client; ``Set-Cookie`` only if
+    ``cookies``."""
+    dropped = _dropped(
+        upstream_headers, _RESPONSE_HOP_DROPPED if cookies else _RESPONSE_HOP_DROPPED_NO_COOKIES
+    )
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream_headers.items():
         lowered = name.lower()

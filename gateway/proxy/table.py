@@ -29,11 +29,15 @@ class ProxyRoute:
     service: Service
     # Requests carrying "Upgrade: websocket" are bridged as WebSockets only on these.
     websocket: bool = False
+    # Cookie and Set-Cookie cross the gateway only on these (gateway.proxy.headers).
+    cookies: bool = False
 
 
-def _family(name: str, path: str, service: Service, *, websocket: bool = False) -> ProxyRoute:
+def _family(
+    name: str, path: str, service: Service, *, websocket: bool = False, cookies: bool = False
+) -> ProxyRoute:
     """``path`` itself and everything below it."""
-    return ProxyRoute(name, API_PREFIX + path + _OPTIONAL_TAIL, service, websocket)
+    return ProxyRoute(name, API_PREFIX + path + _OPTIONAL_TAIL, service, websocket, cookies)
 
 
 def _exact(name: str, path: str, service: Service) -> ProxyRoute:
@@ -42,7 +46,8 @@ def _exact(name: str, path: str, service: Service) -> ProxyRoute:
 
 ROUTE_TABLE: Final[tuple[ProxyRoute, ...]] = (
     _family("users", "/users", "api"),
-    _family("sessions", "/sessions", "api"),
+    # The web page's refresh token and device id (api_service.session_cookies).
+    _family("sessions", "/sessions", "api", cookies=True),
     _exact("videos", "/videos", "api"),
     _exact("video", "/videos/{id}", "api"),
     _family("video_comments", "/videos/{id}/comments", "api"),

@@ -105,7 +105,9 @@ users = Table(
 
 # One row per refresh token, keyed by the SHA-256 of the token (the token itself is never
 # stored, so a leaked table cannot be replayed). Rotation spends a token and issues the next one
-# in the same family; presenting a spent token again revokes the whole family.
+# in the same family; presenting a spent token again revokes the whole family. A browser
+# sign-in binds its family to a device: device_hash is the SHA-256 of the device id in the
+# browser's cookie (NULL for API clients' families, bound to nothing).
 refresh_tokens = Table(
     "refresh_tokens",
     metadata,
@@ -118,6 +120,7 @@ refresh_tokens = Table(
     Column("spent_at", UtcDateTime(), nullable=True),
     Column("revoked_at", UtcDateTime(), nullable=True),
     Column("created_at", UtcDateTime(), nullable=False),
+    Column("device_hash", CHAR(64), nullable=True),
     **MYSQL_TABLE_OPTIONS,
 )
 

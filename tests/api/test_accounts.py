@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from http.cookies import Morsel, SimpleCookie
 from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import DummyCookieJar, web
 from aiohttp.test_utils import TestClient
 
 from api_service.app import create_app
@@ -56,7 +57,9 @@ async def api(
     internal_headers: dict[str, str],
 ) -> Api:
     settings = make_settings(VOD_LOGIN_MAX_FAILURES="3")
-    return Api(await aiohttp_client(create_app(settings)), internal_headers)
+    # No cookie jar: the cookie-mode tests send exactly the cookies they mean to.
+    client = await aiohttp_client(create_app(settings), cookie_jar=DummyCookieJar())
+    return Api(client, internal_headers)
 
 
 async def test_sign_up_returns_the_user_and_hides_the_password(api: Api) -> None:
@@ -211,4 +214,217 @@ async def test_sign_out_revokes_the_refresh_family(api: Api) -> None:
     )
     await problem(
         await api.client.delete("/api/v1/sessions", headers=api.internal), 401, "unauthorized"
+    )
+
+
+# --- cookie mode: the web page's refresh token out of JavaScript's reach -----------------
+
+SESSIONS_PATH = "/api/v1/sessions"
+
+
+def set_cookies(response: Any) -> dict[str, Morsel[str]]:
+    """The cookies ``response`` sets, by name, with their attributes."""
+    jar: SimpleCookie = SimpleCookie()
+    for header in response.headers.getall("Set-Cookie", ()):
+        jar.load(header)
+    return dict(jar)
+
+
+def cookie_header(**cookies: str) -> str:
+    return "; ".join(f"{name}={value}" for name, value in cookies.items())
+
+
+async def cookie_sign_in(api: Api, username: str, **headers: str) -> Any:
+    return await api.client.post(
+        SESSIONS_PATH,
+        json={"username": username, "password": "correct horse", "cookie": True},
+        headers=api.headers(**headers),
+    )
+
+
+async def cookie_refresh(api: Api, **cookies: str) -> Any:
+    """What the page sends: a POST with no body, the browser adding the cookies."""
+    headers = {"Sec-Fetch-Site": "same-origin"}
+    if cookies:
+        headers["Cookie"] = cookie_header(**cookies)
+    return await api.client.post(f"{SESSIONS_PATH}/refresh", headers=api.headers(**headers))
+
+
+async def test_cookie_sign_in_puts_the_refresh_token_in_httponly_cookies_only(api: Api) -> None:
+    user = await api.sign_up("kim")
+    response = await cookie_sign_in(api, "kim")
+    assert response.status == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    body = await response.json()
+    # The access token in the body, as before; the refresh token nowhere a script can read.
+    assert set(body) == {"access_token", "token_type", "expires_in"}
+    assert api.verifier.verify(body["access_token"]).user_id == user["id"]
+    cookies = set_cookies(response)
+    assert set(cookies) == {"vod_refresh", "vod_device"}
+    for morsel in cookies.values():
+        assert morsel.value
+        assert morsel["httponly"] is True
+        assert morsel["samesite"] == "Strict"
+        assert morsel["path"] == SESSIONS_PATH
+        assert int(morsel["max-age"]) == 7 * 24 * 3600
+        # Served over plain http (the gateway said so): not Secure, or no browser keeps it.
+        assert not morsel["secure"]
+    assert cookies["vod_refresh"].value != cookies["vod_device"].value
+
+
+async def test_session_cookies_are_secure_when_the_page_came_over_https(
+    api: Api,
+    aiohttp_client: Callable[..., Any],
+    make_settings: Callable[..., Settings],
+    internal_headers: dict[str, str],
+) -> None:
+    await api.sign_up("lena")
+    # The gateway saw TLS itself ...
+    over_tls = await cookie_sign_in(api, "lena", **{"X-Forwarded-Proto": "https"})
+    assert over_tls.status == 200
+    # ... or TLS ends at a balancer in front of it, and the setting says so (a second api
+    # replica, on the same database).
+    settings = make_settings(VOD_SECURE_COOKIES="1")
+    behind_balancer = Api(
+        await aiohttp_client(create_app(settings), cookie_jar=DummyCookieJar()), internal_headers
+    )
+    balanced = await cookie_sign_in(behind_balancer, "lena")
+    assert balanced.status == 200
+    for response in (over_tls, balanced):
+        cookies = set_cookies(response)
+        assert cookies["vod_refresh"]["secure"] is True
+        assert cookies["vod_device"]["secure"] is True
+
+
+async def test_cookie_refresh_rotates_the_cookie_and_each_token_is_single_use(api: Api) -> None:
+    await api.sign_up("mona")
+    first = set_cookies(await cookie_sign_in(api, "mona"))
+    device = first["vod_device"].value
+    response = await cookie_refresh(api, vod_refresh=first["vod_refresh"].value, vod_device=device)
+    assert response.status == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    body = await response.json()
+    assert "refresh_token" not in body
+    assert api.verifier.verify(body["access_token"]).username == "mona"
+    rotated = set_cookies(response)
+    assert rotated["vod_refresh"].value != first["vod_refresh"].value
+    assert rotated["vod_refresh"]["httponly"] is True
+    assert rotated["vod_device"].value == device
+    # The new cookie works, the spent one is a reuse: the whole family goes.
+    again = await cookie_refresh(api, vod_refresh=rotated["vod_refresh"].value, vod_device=device)
+    assert again.status == 200
+    await problem(
+        await cookie_refresh(api, vod_refresh=first["vod_refresh"].value, vod_device=device),
+        401,
+        "refresh_token_reused",
+    )
+    await problem(
+        await cookie_refresh(
+            api, vod_refresh=set_cookies(again)["vod_refresh"].value, vod_device=device
+        ),
+        401,
+        "refresh_token_invalid",
+    )
+
+
+@pytest.mark.parametrize("replay", ["cookie-without-device", "body-without-device", "other-device"])
+async def test_a_refresh_token_without_its_device_is_refused_and_revokes_the_family(
+    api: Api, replay: str
+) -> None:
+    await api.sign_up("nina")
+    victim = set_cookies(await cookie_sign_in(api, "nina"))
+    stolen = victim["vod_refresh"].value
+    # The thief has the refresh token (read off the disk, a proxy's log, ...), not the
+    # victim's device id.
+    if replay == "cookie-without-device":
+        response = await cookie_refresh(api, vod_refresh=stolen)
+    elif replay == "body-without-device":
+        response = await api.post(f"{SESSIONS_PATH}/refresh", {"refresh_token": stolen})
+    else:
+        own_device = set_cookies(await cookie_sign_in(api, "nina"))["vod_device"].value
+        response = await cookie_refresh(api, vod_refresh=stolen, vod_device=own_device)
+    await problem(response, 401, "refresh_token_wrong_device")
+    # The family is revoked: the victim's own cookies no longer refresh.
+    await problem(
+        await cookie_refresh(api, vod_refresh=stolen, vod_device=victim["vod_device"].value),
+        401,
+        "refresh_token_invalid",
+    )
+
+
+async def test_json_clients_keep_the_body_flow_and_get_no_cookies(api: Api) -> None:
+    await api.sign_up("olga")
+    response = await api.post(SESSIONS_PATH, {"username": "olga", "password": "correct horse"})
+    assert response.status == 200
+    tokens = await response.json()
+    assert tokens["refresh_token"]
+    assert "Set-Cookie" not in response.headers
+    # A device cookie the browser happens to hold does not matter to an unbound token.
+    refreshed = await api.client.post(
+        f"{SESSIONS_PATH}/refresh",
+        json={"refresh_token": tokens["refresh_token"]},
+        headers=api.headers(Cookie=cookie_header(vod_device="some-other-device")),
+    )
+    assert refreshed.status == 200
+    assert (await refreshed.json())["refresh_token"] != tokens["refresh_token"]
+    assert "Set-Cookie" not in refreshed.headers
+
+
+async def test_a_refresh_with_neither_body_nor_cookie_is_401(api: Api) -> None:
+    await problem(await cookie_refresh(api), 401, "refresh_token_missing")
+    await problem(await cookie_refresh(api, vod_device="a-device"), 401, "refresh_token_missing")
+
+
+async def test_cookie_mode_is_refused_to_another_origin_and_spends_nothing(api: Api) -> None:
+    await api.sign_up("pia")
+    await problem(
+        await cookie_sign_in(api, "pia", **{"Sec-Fetch-Site": "same-site"}),
+        403,
+        "cross_site_request",
+    )
+    cookies = set_cookies(await cookie_sign_in(api, "pia", **{"Sec-Fetch-Site": "same-origin"}))
+    jar = cookie_header(
+        vod_refresh=cookies["vod_refresh"].value, vod_device=cookies["vod_device"].value
+    )
+    # A sibling host of the same site: SameSite=Strict lets the cookies through, the
+    # browser's Sec-Fetch-Site tells.
+    for site in ("same-site", "cross-site"):
+        response = await api.client.post(
+            f"{SESSIONS_PATH}/refresh", headers=api.headers(Cookie=jar, **{"Sec-Fetch-Site": site})
+        )
+        await problem(response, 403, "cross_site_request")
+    # Nothing was spent: the page's own refresh still works.
+    response = await cookie_refresh(
+        api, vod_refresh=cookies["vod_refresh"].value, vod_device=cookies["vod_device"].value
+    )
+    assert response.status == 200
+
+
+async def test_a_cookie_flag_that_is_not_a_boolean_is_400(api: Api) -> None:
+    await api.sign_up("quin")
+    response = await api.post(
+        SESSIONS_PATH, {"username": "quin", "password": "correct horse", "cookie": "yes"}
+    )
+    await problem(response, 400, "validation_failed")
+
+
+async def test_sign_out_clears_the_session_cookies(api: Api) -> None:
+    await api.sign_up("rosa")
+    signed_in = await cookie_sign_in(api, "rosa")
+    access = (await signed_in.json())["access_token"]
+    cookies = set_cookies(signed_in)
+    response = await api.client.delete(SESSIONS_PATH, headers=api.headers(access))
+    assert response.status == 204
+    cleared = set_cookies(response)
+    assert set(cleared) == {"vod_refresh", "vod_device"}
+    for morsel in cleared.values():
+        assert morsel.value == ""
+        assert morsel["max-age"] == "0"
+        assert morsel["path"] == SESSIONS_PATH
+    await problem(
+        await cookie_refresh(
+            api, vod_refresh=cookies["vod_refresh"].value, vod_device=cookies["vod_device"].value
+        ),
+        401,
+        "refresh_token_invalid",
     )

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from shared.auth import AUDIENCE, ISSUER
 from tests.conftest import JWT_PRIVATE_KEY, JWT_PUBLIC_KEY
 from tests.problems import problem
-from tests.stack import Stack
+from tests.stack import PASSWORD, Stack
 
 
 async def me(stack: Stack, headers: dict[str, str]) -> Any:
@@ -61,6 +61,50 @@ async def test_sign_up_in_refresh_out_through_the_gateway(stack: Stack) -> None:
 @pytest.mark.integration
 async def test_the_same_journey_on_mariadb_redis_rabbitmq(real_stack: Stack) -> None:
     await journey(real_stack)
+
+
+async def cookie_journey(stack: Stack) -> None:
+    """The web page's flow: the gateway's client keeps cookies as a browser does."""
+    jar = stack.gateway.session.cookie_jar
+    user = await stack.sign_up()
+    signed_in = await stack.gateway.post(
+        "/api/v1/sessions",
+        json={"username": user["username"], "password": PASSWORD, "cookie": True},
+    )
+    assert signed_in.status == 200
+    assert "refresh_token" not in await signed_in.json()
+    first = {cookie.key: cookie.value for cookie in jar}
+    assert set(first) == {"vod_refresh", "vod_device"}
+
+    # Silent refresh: no body, the cookies do it, and the refresh cookie rotates.
+    refreshed = await stack.gateway.post("/api/v1/sessions/refresh")
+    assert refreshed.status == 200, await refreshed.text()
+    tokens = await refreshed.json()
+    assert "refresh_token" not in tokens
+    assert {cookie.key: cookie.value for cookie in jar}["vod_refresh"] != first["vod_refresh"]
+    auth = {"Authorization": f"Bearer {tokens['access_token']}"}
+    assert (await me(stack, auth)).status == 200
+
+    # The first cookie, copied elsewhere without its device: refused, and the family is
+    # revoked, the page's own session with it.
+    jar.clear()
+    await problem(
+        await stack.gateway.post(
+            "/api/v1/sessions/refresh", json={"refresh_token": first["vod_refresh"]}
+        ),
+        401,
+        "refresh_token_wrong_device",
+    )
+    await problem(await me(stack, auth), 401, "token_revoked")
+
+
+async def test_the_web_pages_cookie_flow_through_the_gateway(stack: Stack) -> None:
+    await cookie_journey(stack)
+
+
+@pytest.mark.integration
+async def test_the_cookie_flow_on_mariadb_redis_rabbitmq(real_stack: Stack) -> None:
+    await cookie_journey(real_stack)
 
 
 async def test_stolen_refresh_token_replay_stops_the_thief_and_the_victim(stack: Stack) -> None:

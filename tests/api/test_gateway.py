@@ -164,6 +164,39 @@ async def test_identity_and_trust_headers_are_set_only_by_the_gateway(
     assert headers["Host"] == upstreams.api.url.removeprefix("http://")
 
 
+@pytest.mark.parametrize("size", [10, 200_000], ids=["whole", "streamed"])
+async def test_cookies_cross_the_gateway_on_the_sessions_routes_only(
+    gateway: GatewayFactory, upstreams: Upstreams, size: int
+) -> None:
+    seen_cookies: dict[str, list[str]] = {}
+
+    async def sets_a_cookie(request: web.Request) -> web.Response:
+        seen_cookies[request.path] = request.headers.getall("Cookie", [])
+        response = web.Response(body=b"x" * size, content_type="application/octet-stream")
+        response.set_cookie("vod_refresh", "from-" + request.path, httponly=True)
+        return response
+
+    upstreams.api.app.router.add_post("/api/v1/sessions/refresh", sets_a_cookie)
+    upstreams.api.app.router.add_post("/api/v1/sessions", sets_a_cookie)
+    upstreams.api.app.router.add_get("/api/v1/videos/{id}", sets_a_cookie)
+    upstreams.stream.app.router.add_get("/api/v1/uploads/{id}", sets_a_cookie)
+    client = await gateway(client_kwargs={"cookie_jar": aiohttp.DummyCookieJar()})
+    cookie = {"Cookie": "vod_refresh=secret; vod_device=device"}
+    for method, path in (("POST", "/api/v1/sessions/refresh"), ("POST", "/api/v1/sessions")):
+        response = await client.request(method, path, headers=cookie)
+        assert response.status == 200
+        assert len(await response.read()) == size
+        assert response.cookies["vod_refresh"].value == "from-" + path
+        assert seen_cookies[path] == [cookie["Cookie"]]
+    # Any other route: the session cookies never reach it, and it cannot set a cookie.
+    for path in ("/api/v1/videos/v1", "/api/v1/uploads/u1"):
+        response = await client.get(path, headers=cookie)
+        assert response.status == 200
+        assert len(await response.read()) == size
+        assert "Set-Cookie" not in response.headers
+        assert seen_cookies[path] == []
+
+
 async def test_upstream_sees_only_the_encodings_the_client_offered(
     gateway: GatewayFactory, upstreams: Upstreams
 ) -> None:

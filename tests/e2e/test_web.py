@@ -681,13 +681,13 @@ async def test_phone_layout_resume_refresh_and_expiry(
     assert await page.evaluate("document.documentElement.scrollWidth") <= 390
 
     # Silent refresh: 14 of the access token's 15 minutes pass, a new pair arrives.
-    before = await page.evaluate("JSON.parse(localStorage['vod.session']).refresh_token")
+    before = await page.evaluate("JSON.parse(localStorage['vod.session']).access_token")
     async with page.expect_response("**/api/v1/sessions/refresh") as refreshed:
         await page.clock.fast_forward("14:30")
     assert (await refreshed.value).status == 200
     # The response event fires on its headers; the page stores the new pair once it has
     # read the body, a moment later (polled from here: the page's own timers are frozen).
-    stored = "JSON.parse(localStorage['vod.session']).refresh_token"
+    stored = "JSON.parse(localStorage['vod.session']).access_token"
     for _ in range(100):
         if await page.evaluate(stored) != before:
             break
@@ -726,13 +726,66 @@ async def test_phone_layout_resume_refresh_and_expiry(
     await page.evaluate(
         """() => {
             const s = JSON.parse(localStorage['vod.session']);
-            s.access_token = 'expired'; s.refresh_token = 'spent';
+            s.access_token = 'expired';
             localStorage['vod.session'] = JSON.stringify(s);
         }"""
     )
+    await context.clear_cookies()
     await page.reload()
     await expect(page.get_by_text("Your session has ended. Please sign in again.")).to_be_visible()
     await expect(page.get_by_role("button", name="Sign in")).to_be_visible()
+
+
+async def test_the_refresh_token_is_out_of_the_pages_reach_and_refresh_survives_a_reload(
+    site: str, open_context: ContextFactory, artifacts: Shot
+) -> None:
+    context = await open_context()
+    page = await context.new_page()
+    await page.goto(site + "/")
+    await sign_up(page, "cookie" + secrets.token_hex(3))
+    cookies = {cookie["name"]: cookie for cookie in await context.cookies()}
+    assert set(cookies) == {"vod_refresh", "vod_device"}
+    for cookie in cookies.values():
+        assert cookie["httpOnly"] is True
+        assert cookie["sameSite"] == "Strict"
+        assert cookie["path"] == "/api/v1/sessions"
+    # Everything a script on the page can read: no refresh token, no device id.
+    readable = await page.evaluate(
+        """() => JSON.stringify([
+            Object.entries(localStorage), Object.entries(sessionStorage), document.cookie,
+        ])"""
+    )
+    assert "refresh" not in readable
+    for cookie in cookies.values():
+        assert cookie["value"] not in readable
+    assert await page.evaluate("document.cookie") == ""
+
+    # Reloaded with its access token expired: the page refreshes silently (the browser
+    # sends the cookies) and is still signed in; the refresh cookie has rotated.
+    await page.evaluate(
+        """() => {
+            const s = JSON.parse(localStorage['vod.session']);
+            s.access_token = 'expired'; s.expires_at = Date.now() - 1000;
+            localStorage['vod.session'] = JSON.stringify(s);
+        }"""
+    )
+    async with page.expect_response("**/api/v1/sessions/refresh") as refreshed:
+        await page.reload()
+    response = await refreshed.value
+    assert response.status == 200
+    assert response.request.post_data is None
+    assert "refresh_token" not in await response.json()
+    await expect(page.get_by_role("button", name="Sign out")).to_be_visible()
+    await expect(page.get_by_role("link", name="Upload")).to_be_visible()
+    rotated = {cookie["name"]: cookie["value"] for cookie in await context.cookies()}
+    assert rotated["vod_refresh"] != cookies["vod_refresh"]["value"]
+    assert rotated["vod_device"] == cookies["vod_device"]["value"]
+    await artifacts(page, "refreshed")
+
+    # Signing out clears the cookies too.
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(page.get_by_text("You are signed out.")).to_be_visible()
+    assert await context.cookies() == []
 
 
 async def test_stored_danmaku_show_at_their_offsets_during_playback(

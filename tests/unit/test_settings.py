@@ -60,6 +60,7 @@ def test_missing_variable_is_named(missing: str) -> None:
         ("VOD_GATEWAY_PORT", "eighty"),
         ("VOD_MAX_UPLOAD_BYTES", "-5"),
         ("VOD_DB_MIGRATE", "maybe"),
+        ("VOD_SECURE_COOKIES", "maybe"),
         ("VOD_NAMESPACE", "Bad Name"),
         ("VOD_INTERNAL_TOKEN", "changeme"),
         ("VOD_LOG_LEVEL", "LOUD"),

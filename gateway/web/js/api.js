@@ -1,9 +1,14 @@
 // The API client: the signed-in session, silent token refresh, problem documents in words.
 //
+// The refresh token never reaches this script: signed in with "cookie": true, the server
+// keeps it in an HttpOnly cookie (beside the device id its sign-in is bound to) that only
+// /api/v1/sessions sees, and a refresh is a POST with no body. What is stored here is the
+// access token, its expiry and the user.
+//
 // Refresh tokens are single use and rotating: presenting a spent one revokes the whole
 // family (everyone signed out). So at most one refresh is in flight, in this tab (one
 // shared promise) and across tabs (a Web Lock; after taking it, a tab first looks whether
-// another tab already refreshed and stored a newer pair).
+// another tab already refreshed and stored a newer access token).
 
 import { formatBytes } from "./dom.js";
 
@@ -22,11 +27,19 @@ export class ApiError extends Error {
 }
 
 function readStored() {
+  let state;
   try {
-    return JSON.parse(localStorage.getItem(STORAGE_KEY) || "null");
+    state = JSON.parse(localStorage.getItem(STORAGE_KEY) || "null");
   } catch {
     return null;
   }
+  if (state && state.refresh_token) {
+    // Stored by an earlier version of this page, where scripts could read the refresh
+    // token: not kept, that session has to sign in again.
+    localStorage.removeItem(STORAGE_KEY);
+    return null;
+  }
+  return state;
 }
 
 // Words for a failed request: the server's detail when it sent one, else our own.
@@ -62,7 +75,7 @@ async function parseBody(response) {
 export class Session extends EventTarget {
   constructor() {
     super();
-    this.state = readStored(); // {access_token, refresh_token, expires_at, user}
+    this.state = readStored(); // {access_token, expires_at, user}
     this.refreshing = null;
     this.timer = null;
     // Another tab signed in, refreshed or signed out: follow it.
@@ -103,7 +116,7 @@ export class Session extends EventTarget {
   }
 
   async signIn(username, password) {
-    const tokens = await request("POST", "/sessions", { body: { username, password } });
+    const tokens = await request("POST", "/sessions", { body: { username, password, cookie: true } });
     this.store(pairToState(tokens, null));
     const user = await this.fetch("GET", "/users/me");
     this.store({ ...this.state, user });
@@ -111,13 +124,18 @@ export class Session extends EventTarget {
   }
 
   async signOut() {
-    const token = this.accessToken;
+    const state = this.state;
     this.store(null);
-    if (token) {
-      // The server revokes the access token and its refresh family; signed out locally
-      // whatever it answers.
-      await request("DELETE", "/sessions", { token }).catch(() => {});
+    if (!state) return;
+    // The server revokes the access token and its refresh family and clears the refresh
+    // cookie. An access token past its time is exchanged first, so the cookie is cleared
+    // even then. Signed out locally whatever it answers.
+    let token = state.access_token;
+    if (Date.now() > state.expires_at - 5000) {
+      const tokens = await request("POST", "/sessions/refresh").catch(() => null);
+      token = tokens && tokens.access_token;
     }
+    if (token) await request("DELETE", "/sessions", { token }).catch(() => {});
   }
 
   // Ends the session locally, telling the page why (it shows the sign-in form).
@@ -136,17 +154,19 @@ export class Session extends EventTarget {
   }
 
   async refreshOnce() {
-    const spent = this.state && this.state.refresh_token;
-    if (!spent) throw new ApiError(401, { code: "not_signed_in" }, "Not signed in");
+    const stale = this.state && this.state.access_token;
+    if (!stale) throw new ApiError(401, { code: "not_signed_in" }, "Not signed in");
     const run = async () => {
       const latest = readStored();
-      if (latest && latest.refresh_token !== spent) {
-        // Another tab refreshed while we waited for the lock: its pair is ours too.
+      if (latest && latest.access_token !== stale) {
+        // Another tab refreshed while we waited for the lock (the cookie it got is ours
+        // too, the browser shares it): its access token is ours too.
         this.store(latest);
         return;
       }
       try {
-        const tokens = await request("POST", "/sessions/refresh", { body: { refresh_token: spent } });
+        // No body: the browser sends the refresh and device cookies (same origin).
+        const tokens = await request("POST", "/sessions/refresh");
         this.store(pairToState(tokens, this.user));
       } catch (error) {
         if (error.status === 401) this.expire("Your session has ended. Please sign in again.");
@@ -180,7 +200,6 @@ export class Session extends EventTarget {
 function pairToState(tokens, user) {
   return {
     access_token: tokens.access_token,
-    refresh_token: tokens.refresh_token,
     expires_at: Date.now() + tokens.expires_in * 1000,
     user,
   };
