@@ -59,11 +59,20 @@ async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
     db, kv = app[DB], app[KV]
     app[READ_PINS] = ReadYourWrites(kv, seconds=settings.db_read_your_writes_seconds)
     hasher = PasswordHasher(
-        time_cost=settings.argon2_time_cost, memory_kib=settings.argon2_memory_kib
+        time_cost=settings.argon2_time_cost,
+        memory_kib=settings.argon2_memory_kib,
+        concurrency=settings.password_hash_concurrency,
     )
     users = UserRepository(db)
     videos = VideoRepository(db)
-    app[USERS] = UserService(db=db, users=users, videos=videos, hasher=hasher)
+    signup_count, signup_seconds = settings.signup_rate
+    app[USERS] = UserService(
+        db=db,
+        users=users,
+        videos=videos,
+        hasher=hasher,
+        signup_limit=RateLimit(kv, action="signups", count=signup_count, seconds=signup_seconds),
+    )
     # Drops this process's local copies of cached entries that changed anywhere.
     invalidations = CacheInvalidations(kv)
     # One cache object: comments change a video's comment_count and drop its entry too.
@@ -116,8 +125,11 @@ async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
             window_seconds=settings.login_window_seconds,
         ),
     )
-    async with invalidations.running():
-        yield
+    try:
+        async with invalidations.running():
+            yield
+    finally:
+        hasher.close()
 
 
 async def live_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -18,6 +18,12 @@ PASSWORD_MAX = 128
 REFRESH_TOKEN_MAX = 256
 
 
+def is_username(name: str) -> bool:
+    """True for a name sign-up would accept (reserved words aside). Whole-string match:
+    ``$`` alone would let a trailing newline through."""
+    return USERNAME_RE.fullmatch(name) is not None
+
+
 @dataclass(frozen=True, slots=True)
 class Credentials:
     username: str
@@ -48,7 +54,7 @@ def parse_new_user(body: Any) -> Credentials:
     username = _string_field(data, "username", errors)
     password = _string_field(data, "password", errors)
     if username is not None:
-        if not USERNAME_RE.match(username):
+        if not is_username(username):
             errors.append({"field": "username", "problem": "3-32 characters of A-Z a-z 0-9 _ . -"})
         elif username.lower() in RESERVED_USERNAMES:
             errors.append({"field": "username", "problem": "is reserved"})
@@ -194,7 +200,7 @@ def parse_list_params(query: Mapping[str, str], *, allow_author: bool = True) ->
         limit = int(raw_limit)
     cursor = query.get("cursor") or None
     author = query.get("author") or None if allow_author else None
-    if author is not None and not USERNAME_RE.match(author):
+    if author is not None and not is_username(author):
         errors.append({"field": "author", "problem": "is not a username"})
     q = (query.get("q") or "").strip() or None
     if q is not None and len(q) > QUERY_MAX:

@@ -124,13 +124,18 @@ class RateLimitedError(AppError):
     title = "Too Many Requests"
 
     def __init__(
-        self, detail: str | None = None, *, retry_after: int = 1, code: str | None = None
+        self,
+        detail: str | None = None,
+        *,
+        retry_after: int = 1,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(
             detail,
             code=code,
             extra={"retry_after": retry_after},
-            headers={"Retry-After": str(retry_after)},
+            headers={**(headers or {}), "Retry-After": str(retry_after)},
         )
 
 

@@ -103,9 +103,15 @@ class Settings:
     # Argon2id cost; the defaults are argon2-cffi's (RFC 9106 "low memory"). Tests lower them.
     argon2_time_cost: int = 3
     argon2_memory_kib: int = 65536
+    # Password hashes (sign-up, sign-in, rehash) computing at once in one api process; more
+    # wait their turn. Each takes argon2_memory_kib, so this bounds that memory.
+    password_hash_concurrency: int = 4
     # Failed sign-ins tolerated per username (and 5x that per client address) in a window.
     login_max_failures: int = 10
     login_window_seconds: int = 900
+    # Sign-ups per client address as (count, seconds): each costs a password hash and opens
+    # a fresh allowance of failed sign-ins.
+    signup_rate: tuple[int, float] = (20, 3600.0)
     # Per-user rate limits as (count, seconds): at most count in each window of seconds.
     comment_rate: tuple[int, float] = (10, 60.0)
     danmaku_rate: tuple[int, float] = (10, 10.0)
@@ -178,8 +184,12 @@ class Settings:
             uvloop=reader.parse("VOD_UVLOOP", "1", _bool),
             argon2_time_cost=reader.parse("VOD_ARGON2_TIME_COST", "3", _positive_int),
             argon2_memory_kib=reader.parse("VOD_ARGON2_MEMORY_KIB", "65536", _positive_int),
+            password_hash_concurrency=reader.parse(
+                "VOD_PASSWORD_HASH_CONCURRENCY", "4", _positive_int
+            ),
             login_max_failures=reader.parse("VOD_LOGIN_MAX_FAILURES", "10", _positive_int),
             login_window_seconds=reader.parse("VOD_LOGIN_WINDOW_SECONDS", "900", _positive_int),
+            signup_rate=reader.parse("VOD_SIGNUP_RATE", "20/3600", _rate),
             comment_rate=reader.parse("VOD_COMMENT_RATE", "10/60", _rate),
             danmaku_rate=reader.parse("VOD_DANMAKU_RATE", "10/10", _rate),
             blocked_words=tuple(

@@ -63,7 +63,9 @@ def client_address(request: web.Request) -> str:
 
 async def create_user(request: web.Request) -> web.Response:
     credentials = parse_new_user(await read_json(request))
-    user = await request.app[USERS].sign_up(credentials.username, credentials.password)
+    user = await request.app[USERS].sign_up(
+        credentials.username, credentials.password, address=client_address(request)
+    )
     return json_response(
         user_json(user), status=201, headers={"Location": f"/api/v1/users/{user.username}"}
     )

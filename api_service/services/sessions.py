@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 
 from api_service.repositories.refresh_tokens import RefreshTokenRepository
 from api_service.repositories.users import User, UserRepository
+from api_service.schemas import is_username
 from api_service.services.passwords import PasswordHasher
 from shared.auth import (
     REFRESH_TOKEN_SECONDS,
@@ -55,37 +57,79 @@ def hash_refresh_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+# One attempt on an account and from an address, counted in one step before its password
+# is verified: parallel guesses cannot all pass a check made before any of them failed.
+# KEYS: the account's counter, the address's; ARGV: their limits, the window in ms.
+# Returns 0 when the attempt was counted, else (counting nothing) the milliseconds until
+# the counter at its limit expires. The window is set only on a new counter, never slid.
+_ATTEMPT_LUA = """
+for i = 1, 2 do
+    if tonumber(redis.call('GET', KEYS[i]) or '0') >= tonumber(ARGV[i]) then
+        local left = redis.call('PTTL', KEYS[i])
+        if left < 0 then
+            redis.call('PEXPIRE', KEYS[i], ARGV[3])
+            left = tonumber(ARGV[3])
+        end
+        return math.max(left, 1)
+    end
+end
+for i = 1, 2 do
+    redis.call('INCR', KEYS[i])
+    if redis.call('PTTL', KEYS[i]) == -1 then
+        redis.call('PEXPIRE', KEYS[i], ARGV[3])
+    end
+end
+return 0
+"""
+
+# A sign-in succeeded: the account's count starts again, and the address gets back the
+# attempt counted for it (it was not a failure).
+_SUCCEEDED_LUA = """
+redis.call('DEL', KEYS[1])
+if tonumber(redis.call('GET', KEYS[2]) or '0') > 0 then
+    redis.call('DECR', KEYS[2])
+end
+return 0
+"""
+
+
 class LoginThrottle:
-    """Counts failed sign-ins per username and per client address in a fixed window."""
+    """Counts sign-in attempts per account and per client address in a fixed window.
+
+    Every attempt counts from before its password is verified until it succeeds, so at
+    most ``max_failures`` guesses per account (and 5x that per address) are ever verified
+    in a window, however many arrive at once; the rest are refused without hashing.
+    """
 
     def __init__(self, kv: KeyValueStore, *, max_failures: int, window_seconds: int) -> None:
-        self._kv = kv
         self._max = max_failures
-        self._window = window_seconds
+        self._window_ms = window_seconds * 1000
+        self._attempt = kv.script(_ATTEMPT_LUA)
+        self._succeeded = kv.script(_SUCCEEDED_LUA)
 
-    def _keys(self, username: str, address: str) -> tuple[tuple[str, int], tuple[str, int]]:
-        return (
-            (f"login:fail:user:{username.lower()}", self._max),
-            (f"login:fail:addr:{address}", self._max * PER_ADDRESS_FACTOR),
+    @staticmethod
+    def account(user: User | None, username: str) -> str:
+        """The counter of the account found, not of the name typed: every spelling that
+        reaches one account shares its count. An unknown name counts by its lower case."""
+        return f"user:{user.id}" if user is not None else f"name:{username.lower()}"
+
+    async def attempt(self, account: str, address: str) -> None:
+        """Counts one attempt; ``RateLimitedError`` (429, ``Retry-After``) past a limit."""
+        left_ms = int(
+            await self._attempt(
+                keys=[f"login:fail:{account}", f"login:fail:addr:{address}"],
+                args=[self._max, self._max * PER_ADDRESS_FACTOR, self._window_ms],
+            )
         )
+        if left_ms > 0:
+            raise RateLimitedError(
+                "Too many failed sign-in attempts; try again later.",
+                retry_after=math.ceil(left_ms / 1000),
+                code="too_many_attempts",
+            )
 
-    async def check(self, username: str, address: str) -> None:
-        for key, limit in self._keys(username, address):
-            count = await self._kv.get(key)
-            if count is not None and int(count) >= limit:
-                ttl = await self._kv.ttl(key)
-                raise RateLimitedError(
-                    "Too many failed sign-in attempts; try again later.",
-                    retry_after=max(ttl, 1),
-                    code="too_many_attempts",
-                )
-
-    async def failed(self, username: str, address: str) -> None:
-        for key, _limit in self._keys(username, address):
-            await self._kv.incr(key, ex=self._window)
-
-    async def succeeded(self, username: str) -> None:
-        await self._kv.delete(f"login:fail:user:{username.lower()}")
+    async def succeeded(self, account: str, address: str) -> None:
+        await self._succeeded(keys=[f"login:fail:{account}", f"login:fail:addr:{address}"])
 
 
 class SessionService:
@@ -115,14 +159,19 @@ class SessionService:
     async def sign_in(
         self, username: str, password: str, *, address: str, bind_device: bool = False
     ) -> TokenPair:
-        await self._throttle.check(username, address)
+        invalid = UnauthorizedError("Wrong username or password.", code="invalid_credentials")
+        if not is_username(username):
+            # No account has such a name. Refused before the lookup, as a database may
+            # match it to an account all the same (MariaDB ignores trailing spaces).
+            raise invalid
         user = await self._users.by_username(username)
+        account = LoginThrottle.account(user, username)
+        await self._throttle.attempt(account, address)
         # Verified even for an unknown username (against a decoy), so both take as long.
         matched = await self._hasher.verify(user.password_hash if user else None, password)
         if user is None or not matched:
-            await self._throttle.failed(username, address)
-            raise UnauthorizedError("Wrong username or password.", code="invalid_credentials")
-        await self._throttle.succeeded(username)
+            raise invalid
+        await self._throttle.succeeded(account, address)
         if self._hasher.needs_rehash(user.password_hash):
             await self._users.set_password_hash(user.id, await self._hasher.hash(password))
         return await self._start_family(user, bind_device=bind_device)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from api_service.repositories.users import User, UserRepository
 from api_service.repositories.videos import VideoRepository
 from api_service.services.passwords import PasswordHasher
+from api_service.services.spam import RateLimit
 from shared.auth import Identity
 from shared.db import Database, DuplicateKeyError, new_id
 from shared.errors import ConflictError, NotFoundError, UnauthorizedError
@@ -21,15 +22,20 @@ class UserService:
         users: UserRepository,
         videos: VideoRepository,
         hasher: PasswordHasher,
+        signup_limit: RateLimit,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._db = db
         self._users = users
         self._videos = videos
         self._hasher = hasher
+        self._signup_limit = signup_limit
         self._clock = clock
 
-    async def sign_up(self, username: str, password: str) -> User:
+    async def sign_up(self, username: str, password: str, *, address: str) -> User:
+        # Counted per client address before the hash: each sign-up costs one, and each new
+        # account brings its own allowance of failed sign-ins.
+        await self._signup_limit.hit(address)
         password_hash = await self._hasher.hash(password)
         user = User(
             id=new_id(),

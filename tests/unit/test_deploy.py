@@ -370,6 +370,25 @@ def test_config_map_shutdown_and_slow_client_values_are_settings() -> None:
     assert settings.client_min_body_rate == int(config["VOD_CLIENT_MIN_BODY_RATE"])
 
 
+def test_config_map_account_limits_are_settings_and_hashes_fit_the_api_pod() -> None:
+    config = _config_map()
+    stand_ins = {
+        "VOD_DB_URL": "mysql+aiomysql://vod@db/vod",
+        "VOD_REDIS_URL": "redis://cache:6379/0",
+        "VOD_AMQP_URL": "amqp://broker/",
+        "VOD_INTERNAL_TOKEN": "t" + os.urandom(16).hex(),
+    }
+    settings = Settings.from_env(config | stand_ins)
+    assert settings.signup_rate == (20, 3600.0)  # the design's default, said out loud
+    # Every hash allowed at once holds its Argon2 memory: together at most half the api
+    # container's memory limit, the rest for the process itself.
+    limit = _container(_by_kind("Deployment")["api"])["resources"]["limits"]["memory"]
+    units = {"Mi": 1024**2, "Gi": 1024**3}
+    limit_bytes = int(limit[:-2]) * units[limit[-2:]]
+    hashing_bytes = settings.password_hash_concurrency * settings.argon2_memory_kib * 1024
+    assert hashing_bytes <= limit_bytes // 2, (settings.password_hash_concurrency, limit)
+
+
 @pytest.mark.parametrize("name", sorted(PORTS))
 def test_deployment_reads_secrets_only_from_the_secret(name: str) -> None:
     container = _container(_by_kind("Deployment")[name])

@@ -65,12 +65,26 @@ def test_missing_variable_is_named(missing: str) -> None:
         ("VOD_INTERNAL_TOKEN", "changeme"),
         ("VOD_LOG_LEVEL", "LOUD"),
         ("VOD_LOG_FORMAT", "pretty"),
+        ("VOD_SIGNUP_RATE", "20"),
+        ("VOD_SIGNUP_RATE", "0/3600"),
+        ("VOD_PASSWORD_HASH_CONCURRENCY", "0"),
     ],
 )
 def test_malformed_variable_is_named(variable: str, value: str) -> None:
     with pytest.raises(ConfigError) as caught:
         Settings.from_env(SERVICES_ENV | {variable: value})
     assert caught.value.variable == variable
+
+
+def test_sign_up_and_hashing_bounds_default_to_the_design() -> None:
+    settings = Settings.from_env(SERVICES_ENV)
+    assert settings.signup_rate == (20, 3600.0)
+    assert settings.password_hash_concurrency == 4
+    tuned = Settings.from_env(
+        SERVICES_ENV | {"VOD_SIGNUP_RATE": "5/60", "VOD_PASSWORD_HASH_CONCURRENCY": "2"}
+    )
+    assert tuned.signup_rate == (5, 60.0)
+    assert tuned.password_hash_concurrency == 2
 
 
 def test_standalone_defaults_need_no_environment() -> None:
