@@ -33,6 +33,7 @@ from typing import Any, Final
 from aiohttp.http_exceptions import HttpProcessingError
 
 from shared.blobs import BlobStore
+from shared.db.schema import UPLOAD_EXPIRED
 from shared.errors import AppError, ConflictError, ForbiddenError, PayloadTooLargeError
 from shared.kv import KeyValueStore
 from shared.layout import is_upload_id
@@ -275,6 +276,11 @@ class TusService:
             view = await self._uploads.status(owner_id, upload_id)
             if view.completed_at is None:
                 raise upload_not_found(upload_id)  # a native upload in progress
+            if view.state == UPLOAD_EXPIRED:
+                raise UploadExpiredError(
+                    f"Upload {upload_id} finished, but its file was removed because no "
+                    "video used it in time; upload the file again."
+                )
             return TusStatus(
                 id=view.id, offset=view.size, length=view.size, metadata="", expires_at=None
             )
