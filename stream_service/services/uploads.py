@@ -475,6 +475,7 @@ class UploadService:
         """Like ``_attempt_completion``, for an upload whose parts the caller names."""
         record = await self._records.by_id(upload.id)
         if record is not None:
+            _refuse_expired(record)
             return _complete_view(record)
         token = secrets.token_hex(16)
         outcome = await self._state.begin_completion(upload.id, token, lease=self._lease)

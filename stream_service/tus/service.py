@@ -277,16 +277,16 @@ class TusService:
             if view.completed_at is None:
                 raise upload_not_found(upload_id)  # a native upload in progress
             if view.state == UPLOAD_EXPIRED:
-                raise UploadExpiredError(
-                    f"Upload {upload_id} finished, but its file was removed because no "
-                    "video used it in time; upload the file again."
-                )
+                raise _finished_but_expired(upload_id)
             return TusStatus(
                 id=view.id, offset=view.size, length=view.size, metadata="", expires_at=None
             )
         if tus.upload.owner_id != owner_id:
             raise ForbiddenError("This upload belongs to someone else.", code="upload_forbidden")
         if tus.upload.complete:
+            # The database's record is the truth once it exists: its file may be gone.
+            if (await self._uploads.status(owner_id, upload_id)).state == UPLOAD_EXPIRED:
+                raise _finished_but_expired(upload_id)
             return TusStatus(
                 id=upload_id,
                 offset=tus.upload.size,
@@ -300,6 +300,13 @@ class TusService:
                 "start a new one.",
             )
         return tus
+
+
+def _finished_but_expired(upload_id: str) -> UploadExpiredError:
+    return UploadExpiredError(
+        f"Upload {upload_id} finished, but its file was removed because no video used it "
+        "in time; upload the file again."
+    )
 
 
 def _forget(tasks: set[asyncio.Task[TusStatus]]) -> Callable[[asyncio.Task[TusStatus]], None]:

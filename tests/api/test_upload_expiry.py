@@ -8,9 +8,13 @@ says ``expired`` and publishing it is 410 ``upload_expired``, never a video with
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import func, select, update
@@ -21,6 +25,7 @@ from shared.content_hash import content_hash
 from shared.db.schema import blobs, videos
 from shared.layout import content_blob_key
 from shared.resources import BLOBS, DB
+from tests.api.test_tus import PATCH_TYPE, TUS_HEADERS
 from tests.clients import Publisher
 from tests.problems import problem
 from tests.stack import Stack
@@ -141,3 +146,42 @@ async def test_a_claim_left_by_a_stopped_collector_refuses_publishing_and_is_fin
     await BlobCollector(scheduler[DB], scheduler[BLOBS]).run()
     assert await scheduler[BLOBS].stat(content_blob_key(content_hash(data))) is None
     assert (await alice.uploader.status(upload_id))["state"] == "expired"
+
+
+async def test_a_finished_tus_upload_whose_file_was_collected_is_410(
+    any_stack: Stack, alice: Publisher
+) -> None:
+    data = os.urandom(10_000)
+    headers = {**TUS_HEADERS, **alice.auth}
+    created = await any_stack.gateway.post(
+        "/api/v1/tus/",
+        data=io.BytesIO(data),
+        headers={**headers, **PATCH_TYPE, "Upload-Length": str(len(data))},
+    )
+    assert created.status == 201, await created.text()
+    path = urlsplit(created.headers["Location"]).path
+    assert (await any_stack.gateway.head(path, headers=headers)).status == 200
+
+    assert await collect(any_stack, data)
+
+    head = await any_stack.gateway.head(path, headers=headers)
+    assert head.status == 410
+    assert head.headers["Tus-Resumable"] == "1.0.0"
+    await problem(await any_stack.gateway.delete(path, headers=headers), 410, "upload_expired")
+    upload_id = path.rsplit("/", 1)[-1]
+    await problem(await alice.publish(upload_id=upload_id), 410, "upload_expired")
+
+
+def test_the_document_lists_the_expired_answers() -> None:
+    spec = json.loads((Path(__file__).parents[2] / "gateway" / "openapi.json").read_text())
+    for path, method in (
+        ("/api/v1/videos", "post"),
+        ("/api/v1/uploads/{upload_id}/complete", "post"),
+        ("/api/v1/uploads/{upload_id}/chunks/{index}", "put"),
+        ("/api/v1/uploads/{upload_id}", "delete"),
+        ("/api/v1/tus/{tus_id}", "head"),
+        ("/api/v1/tus/{tus_id}", "delete"),
+    ):
+        assert "410" in spec["paths"][path][method]["responses"], (path, method)
+    state = spec["components"]["schemas"]["UploadStatus"]["properties"]["state"]
+    assert "expired" in state["enum"]
