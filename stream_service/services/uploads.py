@@ -22,6 +22,12 @@ Decisions a client can see:
   still be finished by sending its chunks instead of the proof.
 - Even when the file is stored already (dedup), the chunks of a normal upload are hashed
   at completion: otherwise knowing a file's hash would be enough to claim it.
+- A finished upload holds its file for the collector's grace period (from completion).
+  Once the collector claims a file no video uses, that file's finished uploads are
+  ``expired``: their state says so, and what would change them (a chunk, ``complete``,
+  ``delete``) is 410 ``upload_expired``. A completion checks under the blob row's lock
+  that the file is stored, and stores it again if the collector took it meanwhile
+  (``_store_and_record``; ``scheduler_service.jobs.blob_collector`` says why).
 - With a per-user quota, a new upload must fit beside what the user keeps (see
   ``stream_service.repositories.quota`` for what counts), or it is refused with 413
   ``quota_exceeded`` naming the bytes still free. Instant uploads count like any other.
@@ -131,7 +137,8 @@ class UploadView:
     instant: bool
     # Set while an instant upload waits for its proof.
     challenge: Challenge | None
-    # None once complete: the finished upload is kept for good.
+    # None once finished: a finished upload has no timer of its own (its file is held for
+    # the collector's grace period, then may be collected and the upload expire).
     expires_at: datetime | None
     completed_at: datetime | None
 
