@@ -271,3 +271,50 @@ async def test_an_instant_proof_in_the_collectors_window_is_refused_and_records_
     assert (await finished.json())["instant"] is False
     assert await stored_bytes(stream.app[BLOBS], key) == data
     assert await blob_row(db, digest) is not None
+
+
+async def test_a_completion_holding_the_row_first_keeps_the_file_from_the_collector(
+    stream: Client,
+    db: Database,
+    collector_blobs: BlobStore,
+    internal_headers: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The other order: the completion has locked the blob row (its grace restarted, not
+    # committed yet) when the collector comes to claim the file.
+    data = os.urandom(CHUNK + 1000)
+    digest, key = content_hash(data), content_blob_key(content_hash(data))
+    first, second = user_headers(internal_headers), user_headers(internal_headers)
+    old_upload = await finished_unused_long_ago(stream, first, db, data)
+    upload_id = (await start(stream, second, data))["upload_id"]
+    await send_chunks(stream, second, upload_id, data)
+    service = stream.app[UPLOADS]
+    is_stored = service._is_stored
+    locked = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def held_is_stored(upload: Any) -> bool:
+        locked.set()  # called under the row's lock, inside the recording transaction
+        await go_on.wait()
+        return await is_stored(upload)
+
+    monkeypatch.setattr(service, "_is_stored", held_is_stored)
+    collector = BlobCollector(db, collector_blobs, grace=GRACE)
+
+    async with asyncio.timeout(60):
+        completing = asyncio.create_task(complete(stream, second, upload_id))
+        await locked.wait()
+        collecting = asyncio.create_task(collector.collect(digest, datetime.now(UTC) - GRACE))
+        waited = await blocked_or_done(db, collecting)
+        go_on.set()
+        response, collected = await asyncio.gather(completing, collecting)
+
+    assert response.status == 200, await response.text()
+    assert not collected
+    assert await stored_bytes(stream.app[BLOBS], key) == data
+    row = await blob_row(db, digest)
+    assert (row.ref_count, row.collecting_since) == (0, None)
+    assert row.zero_since > datetime.now(UTC) - GRACE
+    # Nothing was claimed, so the earlier upload is still publishable.
+    assert await upload_state(db, old_upload) == "complete"
+    assert waited  # the collector did come while the completion held the row
