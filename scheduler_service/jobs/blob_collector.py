@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, func, literal, or_, select, update
 
 from shared.blobs import BlobStore
 from shared.db import Database
@@ -142,8 +142,10 @@ class BlobCollector:
                     or_(_collectable(cutoff), _claimed()),
                 )
                 .values(
+                    # An earlier claim keeps its time: how long a claim has been open.
                     collecting_since=func.coalesce(
-                        blobs_table.c.collecting_since, datetime.now(UTC)
+                        blobs_table.c.collecting_since,
+                        literal(datetime.now(UTC), blobs_table.c.collecting_since.type),
                     )
                 )
             )
