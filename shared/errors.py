@@ -11,6 +11,7 @@ repositories raise these, never ``aiohttp.web.HTTP*``.
     ├── NotFoundError              404
     ├── MethodNotAllowedError      405
     ├── ConflictError              409
+    ├── GoneError                  410  (it existed, and is gone for good)
     ├── PayloadTooLargeError       413
     ├── UnsupportedMediaTypeError  415
     ├── UnprocessableError         422
@@ -98,6 +99,12 @@ class ConflictError(AppError):
     status = 409
     code = "conflict"
     title = "Conflict"
+
+
+class GoneError(AppError):
+    status = 410
+    code = "gone"
+    title = "Gone"
 
 
 class PayloadTooLargeError(AppError):

@@ -334,6 +334,8 @@ class VodClient:
             raise
         if int(status["chunk_size"]) != digests.chunk_size:
             return None
+        if status["state"] == "expired":  # finished, but its file was removed unused
+            return None
         missing = [] if status["state"] == "complete" else list(status["missing"])
         return _Plan(
             upload_id=upload_id,

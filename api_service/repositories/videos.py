@@ -103,8 +103,9 @@ class VideoRepository:
             state=row["state"],
         )
 
-    async def add(self, conn: AsyncConnection, values: dict[str, Any]) -> None:
-        """Insert a video; ``DuplicateKeyError`` when its upload already has one.
+    async def add(self, conn: AsyncConnection, values: dict[str, Any]) -> bool:
+        """Insert a video; ``DuplicateKeyError`` when its upload already has one. False,
+        with nothing written, when its file is gone or being collected.
 
         A file the scheduler has already probed gives the video its media result at once
         (ready or failed). The blob row is updated first: that row lock orders this
@@ -113,11 +114,18 @@ class VideoRepository:
         that went by while it was being created.
         """
         # The blob now has one more video; it is no longer a candidate for collection.
-        await conn.execute(
+        # A row the collector has claimed (or removed) takes no reference: its file is
+        # being deleted, and a video of it would never stream.
+        referenced = await conn.execute(
             update(blobs)
-            .where(blobs.c.content_hash == values["content_hash"])
+            .where(
+                blobs.c.content_hash == values["content_hash"],
+                blobs.c.collecting_since.is_(None),
+            )
             .values(ref_count=blobs.c.ref_count + 1, zero_since=None)
         )
+        if referenced.rowcount != 1:
+            return False
         media = (
             await conn.execute(
                 select(
@@ -136,6 +144,7 @@ class VideoRepository:
                 "has_thumbnail": bool(media.has_thumbnail),
             }
         await conn.execute(videos.insert().values(**values))
+        return True
 
     async def get(self, video_id: str, *, conn: AsyncConnection | None = None) -> Video | None:
         # The primary: one video's JSON is cached for minutes, far longer than a replica

@@ -22,7 +22,8 @@ from shared.auth import Identity
 from shared.bus import Event
 from shared.cache import CacheInvalidations, ReadThroughCache, forget_cached
 from shared.db import Database, DuplicateKeyError, new_id
-from shared.errors import ConflictError, ForbiddenError, NotFoundError
+from shared.db.schema import UPLOAD_COMPLETE, UPLOAD_EXPIRED
+from shared.errors import ConflictError, ForbiddenError, GoneError, NotFoundError
 from shared.events import VIDEO_DELETED
 from shared.kv import KeyValueStore
 from shared.layout import (
@@ -46,6 +47,13 @@ def _same_text(text: str) -> str:
 
 def video_not_found(video_id: str) -> NotFoundError:
     return NotFoundError(f"No video {video_id!r}.", code="video_not_found")
+
+
+def upload_expired() -> GoneError:
+    return GoneError(
+        "The upload's file was removed because no video used it in time; upload the file again.",
+        code="upload_expired",
+    )
 
 
 class VideoService:
@@ -94,13 +102,15 @@ class VideoService:
             raise NotFoundError(f"No upload {upload_id!r}.", code="upload_not_found")
         if upload.owner_id != identity.user_id:
             raise ForbiddenError("That upload belongs to someone else.", code="upload_forbidden")
-        if upload.state != "complete":
+        if upload.state == UPLOAD_EXPIRED:
+            raise upload_expired()
+        if upload.state != UPLOAD_COMPLETE:
             raise ConflictError("The upload is not complete yet.", code="upload_incomplete")
         now = self._clock()
         video_id = new_id()
         try:
             async with self._db.transaction() as conn:
-                await self._videos.add(
+                added = await self._videos.add(
                     conn,
                     {
                         "id": video_id,
@@ -116,6 +126,9 @@ class VideoService:
                         "updated_at": now,
                     },
                 )
+                if not added:
+                    # Collected, or being collected, since the upload's row was read.
+                    raise upload_expired()
                 # Read back on the primary, in the writer's transaction: the creator sees
                 # the video at once even where reads go to a lagging replica.
                 video = await self._videos.get(video_id, conn=conn)

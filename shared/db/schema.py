@@ -154,7 +154,9 @@ processed_messages = Table(
 
 # One row per stored file, keyed by its content hash; videos sharing a file share the row.
 # zero_since is set when ref_count drops to 0, so the collector deletes only blobs that
-# stayed unreferenced for a grace period.
+# stayed unreferenced for a grace period. collecting_since (migration 0008) is the
+# collector's claim, committed before it removes the files: no video may reference a
+# claimed row, and an upload completing meanwhile takes the row over.
 blobs = Table(
     "blobs",
     metadata,
@@ -169,8 +171,14 @@ blobs = Table(
     Column("duration_ms", BigInteger(), nullable=True),
     Column("failure_reason", String(500), nullable=True),
     Column("has_thumbnail", Boolean(), nullable=True),
+    Column("collecting_since", UtcDateTime(), nullable=True, index=True),
     **MYSQL_TABLE_OPTIONS,
 )
+
+# The states of an ``uploads`` row.
+UPLOAD_COMPLETE = "complete"
+# Its file was collected before a video used it: it can no longer be published.
+UPLOAD_EXPIRED = "expired"
 
 # A finished upload, kept after its Redis state has expired: creating a video from an
 # upload_id reads it (whose it is, which file). Only finished uploads are rows; one in
@@ -187,6 +195,7 @@ uploads = Table(
     Column("chunk_size", Integer(), nullable=False),
     # Completed by proving possession of a stored blob rather than by sending the bytes.
     Column("instant", Boolean(), nullable=False, default=False, server_default=text("0")),
+    # UPLOAD_COMPLETE, or UPLOAD_EXPIRED (migration 0008).
     Column("state", String(16), nullable=False),
     Column("created_at", UtcDateTime(), nullable=False),
     Column("completed_at", UtcDateTime(), nullable=True),

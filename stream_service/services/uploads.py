@@ -22,6 +22,12 @@ Decisions a client can see:
   still be finished by sending its chunks instead of the proof.
 - Even when the file is stored already (dedup), the chunks of a normal upload are hashed
   at completion: otherwise knowing a file's hash would be enough to claim it.
+- A finished upload holds its file for the collector's grace period (from completion).
+  Once the collector claims a file no video uses, that file's finished uploads are
+  ``expired``: their state says so, and what would change them (a chunk, ``complete``,
+  ``delete``) is 410 ``upload_expired``. A completion checks under the blob row's lock
+  that the file is stored, and stores it again if the collector took it meanwhile
+  (``_store_and_record``; ``scheduler_service.jobs.blob_collector`` says why).
 - With a per-user quota, a new upload must fit beside what the user keeps (see
   ``stream_service.repositories.quota`` for what counts), or it is refused with 413
   ``quota_exceeded`` naming the bytes still free. Instant uploads count like any other.
@@ -44,10 +50,12 @@ from shared.blobs import BlobNotFoundError, BlobStore, BlobStoreUnavailableError
 from shared.bus import Event
 from shared.content_hash import ContentHasher
 from shared.db import Database, DuplicateKeyError, new_id
+from shared.db.schema import UPLOAD_EXPIRED
 from shared.errors import (
     BadRequestError,
     ConflictError,
     ForbiddenError,
+    GoneError,
     NotFoundError,
     PayloadTooLargeError,
     UnprocessableError,
@@ -104,6 +112,15 @@ ASSEMBLY_READ_AHEAD: Final = 4
 ASSEMBLY_PIECE_BYTES: Final = 4 * MIB
 
 
+# Storing the file again when the collector removed it mid-completion: once is enough
+# (without a blob row nothing collects it), the third attempt is a safety bound.
+STORE_ATTEMPTS: Final = 3
+
+
+class StoredFileGoneError(Exception):
+    """The file was found missing under its blob row's lock: nothing was recorded."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UploadView:
     """An upload as a client sees it."""
@@ -120,7 +137,8 @@ class UploadView:
     instant: bool
     # Set while an instant upload waits for its proof.
     challenge: Challenge | None
-    # None once complete: the finished upload is kept for good.
+    # None once finished: a finished upload has no timer of its own (its file is held for
+    # the collector's grace period, then may be collected and the upload expire).
     expires_at: datetime | None
     completed_at: datetime | None
 
@@ -134,6 +152,13 @@ def upload_complete() -> ConflictError:
     return ConflictError(
         "The upload is complete; it takes no more chunks and cannot be abandoned.",
         code="upload_complete",
+    )
+
+
+def upload_expired() -> GoneError:
+    return GoneError(
+        "The upload's file was removed because no video used it in time; upload the file again.",
+        code="upload_expired",
     )
 
 
@@ -318,6 +343,8 @@ class UploadService:
 
     async def status(self, owner_id: str, upload_id: str) -> UploadView:
         found = await self._find(owner_id, upload_id)
+        if isinstance(found, UploadRecord) and found.state == UPLOAD_EXPIRED:
+            return replace(_complete_view(found), state=UPLOAD_EXPIRED)
         if isinstance(found, UploadRecord) or found.complete:
             return _complete_view(found)
         return _uploading_view(found, received=await self._state.received(upload_id))
@@ -334,6 +361,7 @@ class UploadService:
     ) -> int:
         """Stores chunk ``index`` from ``body``; returns the bytes stored (0 if a repeat)."""
         upload = await self._find(owner_id, upload_id)
+        _refuse_expired(upload)
         if isinstance(upload, UploadRecord) or upload.complete:
             raise upload_complete()
         if await self._state.is_completing(upload_id):
@@ -404,6 +432,7 @@ class UploadService:
 
     async def delete(self, owner_id: str, upload_id: str) -> None:
         found = await self._find(owner_id, upload_id)
+        _refuse_expired(found)
         if isinstance(found, UploadRecord) or found.complete:
             raise upload_complete()
         outcome = await self._state.delete(upload_id)
@@ -425,6 +454,7 @@ class UploadService:
     ) -> UploadView | None:
         """The finished upload, or None while another request holds the lease."""
         found = await self._find(owner_id, upload_id)
+        _refuse_expired(found)
         if isinstance(found, UploadRecord) or found.complete:
             return _complete_view(found)
         if proof is not None and not found.instant:
@@ -452,6 +482,7 @@ class UploadService:
         """Like ``_attempt_completion``, for an upload whose parts the caller names."""
         record = await self._records.by_id(upload.id)
         if record is not None:
+            _refuse_expired(record)
             return _complete_view(record)
         token = secrets.token_hex(16)
         outcome = await self._state.begin_completion(upload.id, token, lease=self._lease)
@@ -478,13 +509,8 @@ class UploadService:
         # Recorded already when a previous holder died between the commit and Redis.
         record = await self._records.by_id(upload.id)
         if record is None:
-            if proof is not None:
-                await self._check_proof(upload, proof)
-            elif part_keys is not None:
-                upload = await self._assemble_parts(upload, token, part_keys)
-            else:
-                await self._assemble(upload, token)
-            record = await self._record(upload, instant=proof is not None)
+            record = await self._store_and_record(upload, token, proof, part_keys)
+        _refuse_expired(record)
         await self._state.finish(
             upload.id, token, completed_at=record.completed_at or self._clock(), ttl=self._ttl
         )
@@ -497,6 +523,37 @@ class UploadService:
         # sweeper removes them once the completed state expires.
         self._drop_chunks_soon(upload.id)
         return _complete_view(record)
+
+    async def _store_and_record(
+        self,
+        upload: UploadState,
+        token: str,
+        proof: str | None,
+        part_keys: Sequence[str] | None,
+    ) -> UploadRecord:
+        """The file stored (or the proof checked against it) and the upload recorded.
+
+        ``_record`` checks under the blob row's lock that the file is still stored: if
+        the collector removed it after it was found stored here (a dedup completion that
+        wrote nothing, an instant proof), the file is stored again from the chunks, once
+        more at most; an instant upload has none and its proof check answers 409
+        ``instant_unavailable``.
+        """
+        for _ in range(STORE_ATTEMPTS):
+            if proof is not None:
+                await self._check_proof(upload, proof)
+            elif part_keys is not None:
+                upload = await self._assemble_parts(upload, token, part_keys)
+            else:
+                await self._assemble(upload, token)
+            try:
+                return await self._record(upload, instant=proof is not None)
+            except StoredFileGoneError:
+                logger.info(
+                    "the file of upload %s was collected while it completed; storing it again",
+                    upload.id,
+                )
+        raise upload_completing()
 
     def _drop_chunks_soon(self, upload_id: str) -> None:
         task = asyncio.create_task(self._drop_chunks_logged(upload_id), name="upload-chunk-removal")
@@ -675,6 +732,9 @@ class UploadService:
                 await self._blob_rows.keep(
                     conn, content_hash=upload.content_hash, size=upload.size, now=now
                 )
+                # Under the row's lock: a file stored now stays stored (BlobRows.keep).
+                if not await self._is_stored(upload):
+                    raise StoredFileGoneError(upload.content_hash)
                 await self._records.add(conn, record)
                 await add_event(conn, event)
         except DuplicateKeyError:
@@ -683,6 +743,10 @@ class UploadService:
                 raise
             return existing
         return record
+
+    async def _is_stored(self, upload: UploadState) -> bool:
+        stored = await self._blobs.stat(content_blob_key(upload.content_hash))
+        return stored is not None and stored.size == upload.size
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -716,6 +780,12 @@ class UploadService:
 
     def _expiry(self) -> datetime:
         return self._clock() + timedelta(seconds=self._ttl)
+
+
+def _refuse_expired(found: UploadState | UploadRecord) -> None:
+    """410 ``upload_expired`` for a finished upload whose file was collected unused."""
+    if isinstance(found, UploadRecord) and found.state == UPLOAD_EXPIRED:
+        raise upload_expired()
 
 
 def _uploading_view(upload: UploadState, *, received: set[int]) -> UploadView:

@@ -33,6 +33,7 @@ from typing import Any, Final
 from aiohttp.http_exceptions import HttpProcessingError
 
 from shared.blobs import BlobStore
+from shared.db.schema import UPLOAD_EXPIRED
 from shared.errors import AppError, ConflictError, ForbiddenError, PayloadTooLargeError
 from shared.kv import KeyValueStore
 from shared.layout import is_upload_id
@@ -275,12 +276,17 @@ class TusService:
             view = await self._uploads.status(owner_id, upload_id)
             if view.completed_at is None:
                 raise upload_not_found(upload_id)  # a native upload in progress
+            if view.state == UPLOAD_EXPIRED:
+                raise _finished_but_expired(upload_id)
             return TusStatus(
                 id=view.id, offset=view.size, length=view.size, metadata="", expires_at=None
             )
         if tus.upload.owner_id != owner_id:
             raise ForbiddenError("This upload belongs to someone else.", code="upload_forbidden")
         if tus.upload.complete:
+            # The database's record is the truth once it exists: its file may be gone.
+            if (await self._uploads.status(owner_id, upload_id)).state == UPLOAD_EXPIRED:
+                raise _finished_but_expired(upload_id)
             return TusStatus(
                 id=upload_id,
                 offset=tus.upload.size,
@@ -294,6 +300,13 @@ class TusService:
                 "start a new one.",
             )
         return tus
+
+
+def _finished_but_expired(upload_id: str) -> UploadExpiredError:
+    return UploadExpiredError(
+        f"Upload {upload_id} finished, but its file was removed because no video used it "
+        "in time; upload the file again."
+    )
 
 
 def _forget(tasks: set[asyncio.Task[TusStatus]]) -> Callable[[asyncio.Task[TusStatus]], None]:

@@ -132,6 +132,10 @@ export class Upload extends EventTarget {
       }
       throw error;
     }
+    if (state.state === "expired") {
+      forgetUpload(this.file); // finished, but its file was removed unused: start over
+      return null;
+    }
     this.resumed = true;
     if (state.state === "complete") {
       this.doneBytes = this.file.size;
