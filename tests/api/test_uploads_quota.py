@@ -293,3 +293,11 @@ async def test_an_expired_upload_no_longer_counts(quota_stack: Stack) -> None:
     await gone(app[KV], upload_state_key(abandoned))
     # Neither its place nor its bytes are held any more.
     await create()
+
+
+def test_uploads_in_progress_are_20_by_default_and_at_least_1(
+    make_settings: Callable[..., Settings],
+) -> None:
+    assert make_settings().max_uploads_in_progress == 20
+    with pytest.raises(ConfigError, match="VOD_MAX_UPLOADS_IN_PROGRESS"):
+        make_settings(VOD_MAX_UPLOADS_IN_PROGRESS="0")
