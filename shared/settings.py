@@ -77,6 +77,8 @@ class Settings:
     max_upload_bytes: int = 20 * GIB
     # Bytes each user may keep in videos and uploads; 0 = unlimited (stream_service).
     user_quota_bytes: int = 0
+    # Uploads (native and tus) each user may have in progress at once (stream_service).
+    max_uploads_in_progress: int = 20
     max_json_bytes: int = 64 * 1024
     stream_max_connections: int = 256
     stream_max_per_client: int = 8
@@ -163,6 +165,9 @@ class Settings:
             secure_cookies=reader.parse("VOD_SECURE_COOKIES", "0", _bool),
             max_upload_bytes=reader.parse("VOD_MAX_UPLOAD_BYTES", str(20 * GIB), _positive_int),
             user_quota_bytes=reader.parse("VOD_USER_QUOTA_BYTES", "0", _non_negative_int),
+            max_uploads_in_progress=reader.parse(
+                "VOD_MAX_UPLOADS_IN_PROGRESS", "20", _positive_int
+            ),
             max_json_bytes=reader.parse("VOD_MAX_JSON_BYTES", str(64 * 1024), _positive_int),
             stream_max_connections=reader.parse("VOD_STREAM_MAX_CONNECTIONS", "256", _positive_int),
             stream_max_per_client=reader.parse("VOD_STREAM_MAX_PER_CLIENT", "8", _positive_int),

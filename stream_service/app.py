@@ -56,6 +56,7 @@ async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
         blobs=app[BLOBS],
         max_upload_bytes=app[SETTINGS].max_upload_bytes,
         user_quota_bytes=app[SETTINGS].user_quota_bytes,
+        max_uploads_in_progress=app[SETTINGS].max_uploads_in_progress,
     )
     invalidations = CacheInvalidations(app[KV])
     app[CATALOG] = VideoCatalog(

@@ -11,6 +11,10 @@ than ``min_age`` ago, whatever Redis says: a writer that stores a chunk before (
 it creates the state, or assembles after it dropped the state, is never raced. Keys under
 ``uploads/`` that do not follow the layout are left alone and logged.
 
+The owners' ledgers of uploads in progress (their quota and count) need nothing from the
+sweeper: the next create of an owner drops an expired upload by the deadline the ledger
+keeps beside it (``stream_service.repositories.quota``).
+
 Races accepted: a chunk PUT that is still streaming when the state expires may find its
 chunk deleted; that upload had been idle for the state's whole TTL and is dead anyway.
 """

@@ -10,6 +10,10 @@ landing as the state expires) each act on one consistent view:
   not complete; the holder renews it while it works and marks the upload complete;
 - a DELETE removes the state only while nobody holds the lease.
 
+The owner's ledger of uploads in progress (``stream_service.repositories.quota``) changes
+in the same scripts: a state is created only by the ledger's ``admit``, recording a chunk
+moves the upload's deadline with its TTL, finishing and deleting take it out of the ledger.
+
 Nothing here lives in process memory: any replica, or a restarted one, carries on.
 """
 
@@ -29,6 +33,7 @@ from shared.layout import (
     upload_received_key,
     upload_state_key,
 )
+from stream_service.repositories.quota import LEDGER_LUA, ledger_keys
 
 UPLOADING = "uploading"
 COMPLETE = "complete"
@@ -94,19 +99,12 @@ class UploadState:
         return min(self.chunk_size, self.size - index * self.chunk_size)
 
 
-# KEYS: state. ARGV: ttl_ms, then field, value pairs.
-CREATE_LUA = """
-for i = 2, #ARGV, 2 do
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return 1
-"""
-
-# KEYS: state, received, lock, blocks. ARGV: index, ttl_ms, expires_at, block digests
-# (hex, concatenated; empty when not known). The digests go in with the index, so a
-# recorded index always has the digests of the bytes its blob holds.
-_RECORD_CHUNK_LUA = """
+# KEYS: state, received, lock, blocks, ledger, due. ARGV: index, ttl_ms, expires_at, block
+# digests (hex, concatenated; empty when not known), upload id. The digests go in with the
+# index, so a recorded index always has the digests of the bytes its blob holds.
+_RECORD_CHUNK_LUA = (
+    LEDGER_LUA
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
 if redis.call('HGET', KEYS[1], 'state') == 'complete' then return 'complete' end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 'completing' end
@@ -118,8 +116,10 @@ end
 redis.call('HSET', KEYS[1], 'expires_at', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
+ledger_touch(KEYS[5], KEYS[6], ARGV[5], ARGV[2])
 return 'recorded'
 """
+)
 
 # KEYS: state, lock. ARGV: token, lease_ms.
 _BEGIN_COMPLETION_LUA = """
@@ -143,10 +143,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: state, received, lock, blocks. ARGV: completed_at, ttl_ms, token.
-# Not conditional on the lease: the database already holds the finished upload, so
-# marking it complete is right whoever holds the lock now.
-_FINISH_LUA = """
+# KEYS: state, received, lock, blocks, ledger, due. ARGV: completed_at, ttl_ms, token,
+# upload id. Not conditional on the lease: the database already holds the finished upload,
+# so marking it complete (and moving it out of the ledger) is right whoever holds the lock.
+_FINISH_LUA = (
+    LEDGER_LUA
+    + """
+ledger_finish(KEYS[5], KEYS[6], ARGV[4], ARGV[2])
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'complete')
 redis.call('HSET', KEYS[1], 'completed_at', ARGV[1])
@@ -155,15 +158,20 @@ redis.call('DEL', KEYS[2], KEYS[4])
 if redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
 return 1
 """
+)
 
-# KEYS: state, received, lock, blocks.
-_DELETE_LUA = """
+# KEYS: state, received, lock, blocks, ledger, due. ARGV: upload id.
+_DELETE_LUA = (
+    LEDGER_LUA
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
 if redis.call('HGET', KEYS[1], 'state') == 'complete' then return 'complete' end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 'completing' end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
+ledger_release(KEYS[5], KEYS[6], ARGV[1])
 return 'deleted'
 """
+)
 
 
 _DIGEST_BYTES = 32
@@ -256,17 +264,12 @@ class UploadStateStore:
 
     def __init__(self, kv: KeyValueStore) -> None:
         self._kv = kv
-        self._create = kv.script(CREATE_LUA)
         self._record_chunk = kv.script(_RECORD_CHUNK_LUA)
         self._begin_completion = kv.script(_BEGIN_COMPLETION_LUA)
         self._renew = kv.script(_RENEW_LUA)
         self._release = kv.script(_RELEASE_LUA)
         self._finish = kv.script(_FINISH_LUA)
         self._delete = kv.script(_DELETE_LUA)
-
-    async def create(self, upload: UploadState, *, ttl: float) -> None:
-        pairs = [item for field in encode_state(upload).items() for item in field]
-        await self._create(keys=[upload_state_key(upload.id)], args=[_milliseconds(ttl), *pairs])
 
     async def load(self, upload_id: str) -> UploadState | None:
         fields = await self._kv.hgetall(upload_state_key(upload_id))
@@ -292,6 +295,7 @@ class UploadStateStore:
         upload_id: str,
         index: int,
         *,
+        owner_id: str,
         ttl: float,
         expires_at: datetime,
         block_digests: Sequence[bytes] = (),
@@ -299,12 +303,13 @@ class UploadStateStore:
         """Adds ``index`` to the received set (its blob must already be stored), with the
         raw SHA-256 of each 4 MiB block of the chunk when known."""
         outcome = await self._record_chunk(
-            keys=self._keys(upload_id),
+            keys=self._keys(upload_id, owner_id),
             args=[
                 index,
                 _milliseconds(ttl),
                 expires_at.isoformat(),
                 b"".join(block_digests).hex(),
+                upload_id,
             ],
         )
         return ChunkOutcome(outcome)
@@ -340,16 +345,19 @@ class UploadStateStore:
         await self._release(keys=[upload_lock_key(upload_id)], args=[token])
 
     async def finish(
-        self, upload_id: str, token: str, *, completed_at: datetime, ttl: float
+        self, upload_id: str, token: str, *, owner_id: str, completed_at: datetime, ttl: float
     ) -> None:
-        """Marks the upload complete, drops its received set and the lease."""
+        """Marks the upload complete, drops its received set and the lease, and moves it
+        out of its owner's ledger (the database counts it now)."""
         await self._finish(
-            keys=self._keys(upload_id),
-            args=[completed_at.isoformat(), _milliseconds(ttl), token],
+            keys=self._keys(upload_id, owner_id),
+            args=[completed_at.isoformat(), _milliseconds(ttl), token, upload_id],
         )
 
-    async def delete(self, upload_id: str) -> DeleteOutcome:
-        return DeleteOutcome(await self._delete(keys=self._keys(upload_id)))
+    async def delete(self, upload_id: str, *, owner_id: str) -> DeleteOutcome:
+        """Removes the upload's state and takes it out of its owner's ledger."""
+        outcome = await self._delete(keys=self._keys(upload_id, owner_id), args=[upload_id])
+        return DeleteOutcome(outcome)
 
     async def announce(self, upload_id: str) -> None:
         """Tells callers waiting on this upload that a completion attempt has ended."""
@@ -365,10 +373,11 @@ class UploadStateStore:
                 await notices.close()
 
     @staticmethod
-    def _keys(upload_id: str) -> list[str]:
+    def _keys(upload_id: str, owner_id: str) -> list[str]:
         return [
             upload_state_key(upload_id),
             upload_received_key(upload_id),
             upload_lock_key(upload_id),
             _upload_blocks_key(upload_id),
+            *ledger_keys(owner_id),
         ]

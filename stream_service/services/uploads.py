@@ -20,6 +20,9 @@ Decisions a client can see:
   caller the stored file's size: such an upload proceeds as a normal one (and will fail
   its content-hash check unless the client sends matching bytes). An instant upload may
   still be finished by sending its chunks instead of the proof.
+- A user gets one challenge per content while they keep creating uploads of it, and
+  ``MAX_PROOF_FAILURES`` wrong proofs; then 429 ``proof_attempts_exhausted`` until it
+  expires (``stream_service.repositories.challenges``): the chunks still work.
 - Even when the file is stored already (dedup), the chunks of a normal upload are hashed
   at completion: otherwise knowing a file's hash would be enough to claim it.
 - A finished upload holds its file for the collector's grace period (from completion).
@@ -31,6 +34,10 @@ Decisions a client can see:
 - With a per-user quota, a new upload must fit beside what the user keeps (see
   ``stream_service.repositories.quota`` for what counts), or it is refused with 413
   ``quota_exceeded`` naming the bytes still free. Instant uploads count like any other.
+- A user has at most ``max_uploads_in_progress`` uploads in progress (native and tus
+  alike); one more is refused with 409 ``too_many_uploads``: a conflict with the state of
+  their uploads, which the client resolves by completing or deleting one (waiting alone
+  frees a slot only when one expires, a day after its last chunk), so no ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -58,6 +65,7 @@ from shared.errors import (
     GoneError,
     NotFoundError,
     PayloadTooLargeError,
+    RateLimitedError,
     UnprocessableError,
     ValidationError,
 )
@@ -66,7 +74,13 @@ from shared.kv import KeyValueStore
 from shared.layout import chunk_key, content_blob_key, is_upload_id, upload_prefix
 from shared.outbox import add_event
 from stream_service.repositories.blob_rows import BlobRows
-from stream_service.repositories.quota import QuotaLedger, ReserveOutcome
+from stream_service.repositories.challenges import AttemptOutcome, ChallengeStore
+from stream_service.repositories.quota import (
+    RESERVE_ATTEMPTS,
+    UNLIMITED,
+    QuotaLedger,
+    ReserveOutcome,
+)
 from stream_service.repositories.upload_state import (
     COMPLETE,
     UPLOADING,
@@ -76,6 +90,7 @@ from stream_service.repositories.upload_state import (
     LeaseOutcome,
     UploadState,
     UploadStateStore,
+    encode_state,
 )
 from stream_service.repositories.uploads import UploadRecord, UploadRecords
 from stream_service.storage.read_ahead import read_ahead
@@ -95,6 +110,10 @@ MIN_CHUNK_SIZE: Final = 8 * MIB
 MAX_CHUNK_SIZE: Final = 64 * MIB
 # The instant-upload challenge: up to this many bytes at a random offset.
 CHALLENGE_BYTES: Final = MIB
+# Wrong proofs a user may send for one content while its challenge lives (a proof is a
+# SHA-256: five guesses are as good as none, and a client with a bug learns of it).
+MAX_PROOF_FAILURES: Final = 5
+DEFAULT_MAX_UPLOADS_IN_PROGRESS: Final = 20
 DEFAULT_STATE_TTL: Final = 24 * 3600.0
 # The assembling replica renews its lease well before this runs out; a replica that
 # dies mid-assembly blocks the upload for at most this long.
@@ -170,6 +189,24 @@ def uploads_busy() -> ConflictError:
     )
 
 
+def too_many_uploads(limit: int) -> ConflictError:
+    return ConflictError(
+        f"You have {limit} uploads in progress, the most allowed; complete or delete one "
+        "first (an upload left alone expires a day after its last chunk).",
+        code="too_many_uploads",
+        extra={"max_uploads_in_progress": limit},
+    )
+
+
+def proof_attempts_exhausted(retry_after: int) -> RateLimitedError:
+    return RateLimitedError(
+        f"{MAX_PROOF_FAILURES} wrong proofs were sent for this file; send its chunks and "
+        "complete without a proof, or prove again after Retry-After seconds.",
+        retry_after=retry_after,
+        code="proof_attempts_exhausted",
+    )
+
+
 def tus_upload_in_progress(upload_id: str) -> ConflictError:
     return ConflictError(
         f"This upload was created with tus; continue it at /api/v1/tus/{upload_id}.",
@@ -194,6 +231,7 @@ class UploadService:
         blobs: BlobStore,
         max_upload_bytes: int,
         user_quota_bytes: int = 0,
+        max_uploads_in_progress: int = DEFAULT_MAX_UPLOADS_IN_PROGRESS,
         state_ttl: float = DEFAULT_STATE_TTL,
         completion_lease: float = DEFAULT_COMPLETION_LEASE,
         completion_wait: float = DEFAULT_COMPLETION_WAIT,
@@ -207,9 +245,11 @@ class UploadService:
         self._records = UploadRecords(db)
         self._blob_rows = BlobRows()
         self._max_upload_bytes = max_upload_bytes
-        # 0: unlimited, and nothing is tracked.
+        # 0: unlimited, and the database is not read.
         self._quota = user_quota_bytes
+        self._max_in_progress = max_uploads_in_progress
         self._ledger = QuotaLedger(db, kv, unused_window=timedelta(seconds=state_ttl))
+        self._challenges = ChallengeStore(kv)
         self._ttl = state_ttl
         self._lease = completion_lease
         self._wait = completion_wait
@@ -230,7 +270,12 @@ class UploadService:
         challenge = None
         if stored is not None and stored.size == size:
             length = min(size, CHALLENGE_BYTES)
-            challenge = Challenge(offset=self._randbelow(size - length + 1), length=length)
+            challenge = await self._challenges.issue(
+                owner_id,
+                content_hash,
+                fresh=Challenge(offset=self._randbelow(size - length + 1), length=length),
+                ttl=self._ttl,
+            )
         upload = self.new_upload_state(
             owner_id,
             filename=filename,
@@ -275,26 +320,44 @@ class UploadService:
             challenge=challenge,
         )
 
-    async def admit(
-        self,
-        upload: UploadState,
-        *,
-        store_state: Callable[[UploadState], Awaitable[None]] | None = None,
-    ) -> None:
-        """Checks ``upload`` against the size limit and the owner's quota, and stores its
-        state with ``store_state`` (the native layout by default): 413 ``upload_too_large``
-        or ``quota_exceeded``, with nothing stored, when it does not fit."""
+    async def admit(self, upload: UploadState, *, fields: Mapping[str, str] | None = None) -> None:
+        """Checks ``upload`` against the size limit, the owner's uploads in progress and
+        quota, and stores its state (``fields``, the native layout's by default) counted
+        in the owner's ledger: 413 ``upload_too_large`` or ``quota_exceeded``, 409
+        ``too_many_uploads``, with nothing stored, when it does not fit."""
         self._check_size(upload.size)
-        store = store_state or (lambda state: self._state.create(state, ttl=self._ttl))
-        if self._quota:
-            # Counted before the state exists would let a concurrent check drop it as gone.
-            allowance = self._quota - await self._ledger.stored_bytes(
-                upload.owner_id, now=self._clock()
+        state = encode_state(upload) if fields is None else fields
+        for _ in range(RESERVE_ATTEMPTS):
+            finished: str | None = None
+            allowance = UNLIMITED
+            if self._quota:
+                # Read before the database: an upload finishing between the two reads
+                # changes it, and the ledger then asks for both again.
+                finished = await self._ledger.finished_count(upload.owner_id)
+                # Never below 0 (a user over their quota: a lowered setting), which is
+                # UNLIMITED's range.
+                allowance = max(
+                    0,
+                    self._quota
+                    - await self._ledger.stored_bytes(upload.owner_id, now=self._clock()),
+                )
+            reservation = await self._ledger.admit(
+                upload.owner_id,
+                upload.id,
+                size=upload.size,
+                state=state,
+                allowance=allowance,
+                max_in_progress=self._max_in_progress,
+                ttl=self._ttl,
+                finished_count=finished,
             )
-            await store(upload)
-            await self._reserve(upload, allowance)
-        else:
-            await store(upload)
+            if reservation.outcome is ReserveOutcome.RESERVED:
+                return
+            if reservation.outcome is ReserveOutcome.TOO_MANY:
+                raise too_many_uploads(self._max_in_progress)
+            if reservation.outcome is ReserveOutcome.EXCEEDED:
+                raise self._quota_exceeded(upload, reservation.remaining)
+        raise uploads_busy()
 
     async def complete_parts(self, upload: UploadState, part_keys: Sequence[str]) -> UploadView:
         """Completes ``upload`` from the blobs ``part_keys``, whose bytes in that order are
@@ -305,11 +368,9 @@ class UploadService:
             upload.id, lambda: self._attempt_parts(upload, part_keys)
         )
 
-    async def discard(self, owner_id: str, upload_id: str) -> None:
-        """Frees what an upload whose state another protocol deleted still holds: its quota
-        reservation and its chunks (failures are left to the sweeper)."""
-        if self._quota:
-            await self._ledger.release(owner_id, upload_id)
+    async def discard(self, upload_id: str) -> None:
+        """Frees the chunks of an upload whose state another protocol deleted (failures
+        are left to the sweeper); its ledger entry went with the state."""
         await self._drop_chunks(upload_id)
 
     def _check_size(self, size: int) -> None:
@@ -320,17 +381,9 @@ class UploadService:
                 extra={"max_bytes": self._max_upload_bytes},
             )
 
-    async def _reserve(self, upload: UploadState, allowance: int) -> None:
-        reservation = await self._ledger.reserve(
-            upload.owner_id, upload.id, size=upload.size, allowance=allowance, ttl=self._ttl
-        )
-        if reservation.outcome is ReserveOutcome.RESERVED:
-            return
-        await self._state.delete(upload.id)
-        if reservation.outcome is ReserveOutcome.RETRY:
-            raise uploads_busy()
-        remaining = max(0, reservation.remaining)
-        raise PayloadTooLargeError(
+    def _quota_exceeded(self, upload: UploadState, remaining: int) -> PayloadTooLargeError:
+        remaining = max(0, remaining)
+        return PayloadTooLargeError(
             f"The file needs {upload.size} bytes; {remaining} of your quota of "
             f"{self._quota} bytes are free. Delete videos or unfinished uploads to make room.",
             code="quota_exceeded",
@@ -387,6 +440,7 @@ class UploadService:
         outcome = await self._state.record_chunk(
             upload_id,
             index,
+            owner_id=owner_id,
             ttl=self._ttl,
             expires_at=self._expiry(),
             # Not used by completion for now (see _assemble); kept with the index so a
@@ -435,7 +489,7 @@ class UploadService:
         _refuse_expired(found)
         if isinstance(found, UploadRecord) or found.complete:
             raise upload_complete()
-        outcome = await self._state.delete(upload_id)
+        outcome = await self._state.delete(upload_id, owner_id=owner_id)
         if outcome is DeleteOutcome.MISSING:
             raise upload_not_found(upload_id)
         if outcome is DeleteOutcome.COMPLETE:
@@ -443,8 +497,6 @@ class UploadService:
         if outcome is DeleteOutcome.COMPLETING:
             raise upload_completing()
         # The state is gone first: a chunk landing now finds no upload and removes itself.
-        if self._quota:
-            await self._ledger.release(owner_id, upload_id)
         await self._drop_chunks(upload_id)
 
     # -- completion ------------------------------------------------------------------
@@ -511,12 +563,14 @@ class UploadService:
         if record is None:
             record = await self._store_and_record(upload, token, proof, part_keys)
         _refuse_expired(record)
+        # Out of the ledger in the same step: from here the database counts it.
         await self._state.finish(
-            upload.id, token, completed_at=record.completed_at or self._clock(), ttl=self._ttl
+            upload.id,
+            token,
+            owner_id=upload.owner_id,
+            completed_at=record.completed_at or self._clock(),
+            ttl=self._ttl,
         )
-        if self._quota:
-            # From here the database counts it.
-            await self._ledger.release(upload.owner_id, upload.id)
         # The chunks go after the answer: the file is stored and recorded, and unlinking a
         # GiB of chunk files took 1-2 s on the disks measured (ext4 mounted with discard),
         # time the uploader would wait for nothing. If the process stops first, the
@@ -586,6 +640,28 @@ class UploadService:
         challenge = upload.challenge
         if challenge is None:  # excluded by the caller; kept for the type checker
             raise ValidationError("This upload has no challenge to answer.")
+        attempt = await self._challenges.attempt(
+            upload.owner_id,
+            upload.content_hash,
+            challenge,
+            limit=MAX_PROOF_FAILURES,
+            ttl=self._ttl,
+        )
+        if attempt.outcome is AttemptOutcome.REFUSED:
+            raise proof_attempts_exhausted(max(1, -(-attempt.expires_in_ms // 1000)))
+        try:
+            matches = await self._proof_matches(upload, challenge, proof)
+        except BaseException:
+            await self._challenges.give_back(upload.owner_id, upload.content_hash)
+            raise
+        if not matches:
+            raise UnprocessableError(
+                "The proof is not the SHA-256 of the challenged byte range.",
+                code="proof_mismatch",
+            )
+        await self._challenges.give_back(upload.owner_id, upload.content_hash)
+
+    async def _proof_matches(self, upload: UploadState, challenge: Challenge, proof: str) -> bool:
         digest = hashlib.sha256()
         read = 0
         try:
@@ -605,11 +681,7 @@ class UploadService:
                 "without a proof.",
                 code="instant_unavailable",
             )
-        if not hmac.compare_digest(digest.hexdigest(), proof):
-            raise UnprocessableError(
-                "The proof is not the SHA-256 of the challenged byte range.",
-                code="proof_mismatch",
-            )
+        return hmac.compare_digest(digest.hexdigest(), proof)
 
     async def _assemble(self, upload: UploadState, token: str) -> None:
         missing = await self._missing_chunks(upload)

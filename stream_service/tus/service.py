@@ -136,14 +136,8 @@ class TusService:
 
     async def create(self, owner_id: str, *, length: int, metadata: Metadata) -> TusStatus:
         upload = self._uploads.new_upload_state(owner_id, filename=metadata.filename, size=length)
-        ttl = self._uploads.state_ttl
-
-        async def store(state: UploadState) -> None:
-            await self._state.create(
-                state, metadata=metadata.raw, filetype=metadata.filetype, ttl=ttl
-            )
-
-        await self._uploads.admit(upload, store_state=store)
+        fields = self._state.encode(upload, metadata=metadata.raw, filetype=metadata.filetype)
+        await self._uploads.admit(upload, fields=fields)
         return TusStatus(
             id=upload.id,
             offset=0,
@@ -188,7 +182,7 @@ class TusService:
         found = await self._find(owner_id, upload_id, expired_ok=True)
         if isinstance(found, TusStatus):
             raise upload_complete()
-        outcome = await self._state.terminate(upload_id)
+        outcome = await self._state.terminate(upload_id, owner_id=owner_id)
         if outcome is TerminateOutcome.MISSING:
             raise upload_not_found(upload_id)
         if outcome is TerminateOutcome.COMPLETE:
@@ -196,7 +190,7 @@ class TusService:
         if outcome is TerminateOutcome.COMPLETING:
             raise upload_completing()
         # The state is gone first: a PATCH landing now finds no upload and drops its segment.
-        await self._uploads.discard(owner_id, upload_id)
+        await self._uploads.discard(upload_id)
 
     # -- storing a PATCH ---------------------------------------------------------------
 
@@ -224,6 +218,7 @@ class TusService:
         expires_at = self.clock() + timedelta(seconds=self._uploads.state_ttl)
         outcome, offset = await self._state.append(
             upload.id,
+            owner_id=upload.owner_id,
             offset=tus.offset,
             length=info.size,
             segment=name,

@@ -11,7 +11,9 @@ while it lives), with ``content_hash`` empty (tus announces none) and these fiel
 Beside it, ``<state key>:tus-segments`` lists the blob names of the segments in file
 order (each PATCH stores one segment, of whatever length it carried). Every change that
 reads before it writes is one Lua script: an append is recorded only at the offset it was
-sent for, so of two PATCHes racing for one offset exactly one counts.
+sent for, so of two PATCHes racing for one offset exactly one counts. Like the native
+scripts, an append moves the upload's deadline in its owner's ledger of uploads in progress
+and a termination takes it out (``stream_service.repositories.quota``).
 """
 
 from __future__ import annotations
@@ -28,9 +30,9 @@ from shared.layout import (
     upload_received_key,
     upload_state_key,
 )
+from stream_service.repositories.quota import LEDGER_LUA, ledger_keys
 
-# The native hash's encoding and its creation script: both protocols share one layout.
-from stream_service.repositories.upload_state import CREATE_LUA as CREATE_UPLOAD_LUA
+# The native hash's encoding: both protocols share one layout.
 from stream_service.repositories.upload_state import UploadState
 from stream_service.repositories.upload_state import decode_state as decode_upload_state
 from stream_service.repositories.upload_state import encode_state as encode_upload_state
@@ -71,9 +73,11 @@ class TusUpload:
     filetype: str | None
 
 
-# KEYS: state, segments, lock. ARGV: offset sent for, length, segment name, ttl_ms,
-# expires_at.
-_APPEND_LUA = """
+# KEYS: state, segments, lock, ledger, due. ARGV: offset sent for, length, segment name,
+# ttl_ms, expires_at, upload id.
+_APPEND_LUA = (
+    LEDGER_LUA
+    + """
 if redis.call('HGET', KEYS[1], 'protocol') ~= 'tus' then return {'missing', 0} end
 local offset = tonumber(redis.call('HGET', KEYS[1], 'offset'))
 if redis.call('HGET', KEYS[1], 'state') == 'complete' then return {'complete', offset} end
@@ -84,22 +88,28 @@ redis.call('RPUSH', KEYS[2], ARGV[3])
 redis.call('HSET', KEYS[1], 'offset', offset, 'expires_at', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
+ledger_touch(KEYS[4], KEYS[5], ARGV[6], ARGV[4])
 return {'appended', offset}
 """
+)
 
 # KEYS: segments.
 _SEGMENTS_LUA = """
 return redis.call('LRANGE', KEYS[1], 0, -1)
 """
 
-# KEYS: state, received, lock, segments.
-_TERMINATE_LUA = """
+# KEYS: state, received, lock, segments, ledger, due. ARGV: upload id.
+_TERMINATE_LUA = (
+    LEDGER_LUA
+    + """
 if redis.call('HGET', KEYS[1], 'protocol') ~= 'tus' then return 'missing' end
 if redis.call('HGET', KEYS[1], 'state') == 'complete' then return 'complete' end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 'completing' end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
+ledger_release(KEYS[5], KEYS[6], ARGV[1])
 return 'deleted'
 """
+)
 
 
 def _milliseconds(seconds: float) -> int:
@@ -109,20 +119,18 @@ def _milliseconds(seconds: float) -> int:
 class TusStateStore:
     def __init__(self, kv: KeyValueStore) -> None:
         self._kv = kv
-        self._create = kv.script(CREATE_UPLOAD_LUA)
         self._append = kv.script(_APPEND_LUA)
         self._segments = kv.script(_SEGMENTS_LUA)
         self._terminate = kv.script(_TERMINATE_LUA)
 
-    async def create(
-        self, upload: UploadState, *, metadata: str, filetype: str | None, ttl: float
-    ) -> None:
+    @staticmethod
+    def encode(upload: UploadState, *, metadata: str, filetype: str | None) -> dict[str, str]:
+        """The fields of a new tus upload's hash (``UploadService.admit`` stores them)."""
         fields = encode_upload_state(upload)
         fields |= {"protocol": TUS_PROTOCOL, "offset": "0", "metadata": metadata}
         if filetype is not None:
             fields["filetype"] = filetype
-        pairs = [item for field in fields.items() for item in field]
-        await self._create(keys=[upload_state_key(upload.id)], args=[_milliseconds(ttl), *pairs])
+        return fields
 
     async def load(self, upload_id: str) -> TusUpload | None:
         """The tus upload, or None if there is none in Redis (or it is a native one)."""
@@ -140,6 +148,7 @@ class TusStateStore:
         self,
         upload_id: str,
         *,
+        owner_id: str,
         offset: int,
         length: int,
         segment: str,
@@ -153,8 +162,9 @@ class TusStateStore:
                 upload_state_key(upload_id),
                 tus_segments_key(upload_id),
                 upload_lock_key(upload_id),
+                *ledger_keys(owner_id),
             ],
-            args=[offset, length, segment, _milliseconds(ttl), expires_at.isoformat()],
+            args=[offset, length, segment, _milliseconds(ttl), expires_at.isoformat(), upload_id],
         )
         return AppendOutcome(outcome), int(new_offset or 0)
 
@@ -166,13 +176,16 @@ class TusStateStore:
         """Drops the list once the upload is complete (its blobs are dropped already)."""
         await self._kv.delete(tus_segments_key(upload_id))
 
-    async def terminate(self, upload_id: str) -> TerminateOutcome:
+    async def terminate(self, upload_id: str, *, owner_id: str) -> TerminateOutcome:
+        """Removes the upload's state and takes it out of its owner's ledger."""
         outcome = await self._terminate(
             keys=[
                 upload_state_key(upload_id),
                 upload_received_key(upload_id),
                 upload_lock_key(upload_id),
                 tus_segments_key(upload_id),
-            ]
+                *ledger_keys(owner_id),
+            ],
+            args=[upload_id],
         )
         return TerminateOutcome(outcome)

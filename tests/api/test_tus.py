@@ -759,8 +759,12 @@ async def test_head_finishes_an_upload_whose_completion_was_cut_short(
 
     name = f"tus-{0:015d}-0dead0"
     await app[BLOBS].write(segment_blob_key(upload_id, name), whole())
-    outcome, offset = await TusStateStore(app[KV]).append(
+    store = TusStateStore(app[KV])
+    tus = await store.load(upload_id)
+    assert tus is not None
+    outcome, offset = await store.append(
         upload_id,
+        owner_id=tus.upload.owner_id,
         offset=0,
         length=len(data),
         segment=name,

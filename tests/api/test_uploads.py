@@ -31,6 +31,7 @@ from shared.layout import content_blob_key, upload_received_key, upload_state_ke
 from shared.resources import BLOBS, KV
 from stream_service.keys import UPLOADS
 from stream_service.repositories.upload_state import UploadStateStore
+from stream_service.services.uploads import DEFAULT_STATE_TTL, MAX_PROOF_FAILURES
 from tests.clients import CHUNK, MIB, Uploader, new_upload, pieces, sha256
 from tests.problems import problem
 from tests.stack import Stack
@@ -731,6 +732,63 @@ async def test_instant_upload_proves_possession(
     # The file was not touched.
     after = blob_path(blob_root, data).stat()
     assert (after.st_ino, after.st_mtime_ns) == (stored.st_ino, stored.st_mtime_ns)
+
+
+async def test_the_challenge_stays_the_same_for_one_user_and_content(
+    uploader: Uploader, rival: Uploader
+) -> None:
+    """Creating uploads again (deleting the last ones or not) never draws another range:
+    a rival who knows part of the file cannot draw until the range falls there."""
+    data = os.urandom(THREE_CHUNKS)
+    await uploader.upload(data)
+
+    async def challenge() -> tuple[str, dict[str, int]]:
+        response = await rival.create(new_upload(data))
+        assert response.status == 200, await response.text()
+        created = await response.json()
+        return created["upload_id"], created["challenge"]
+
+    first_id, first = await challenge()
+    _, second = await challenge()
+    assert (await rival.delete(first_id)).status == 204
+    third_id, third = await challenge()
+    assert first == second == third
+    assert (await rival.status(third_id))["challenge"] == first
+
+
+async def test_wrong_proofs_are_limited_per_user_and_content(
+    uploader: Uploader, rival: Uploader
+) -> None:
+    data = os.urandom(TWO_CHUNKS)
+    await uploader.upload(data)
+    ids = [(await (await rival.create(new_upload(data))).json())["upload_id"] for _ in range(3)]
+    challenge = (await rival.status(ids[0]))["challenge"]
+    offset, length = challenge["offset"], challenge["length"]
+    right = {"proof": sha256(data[offset : offset + length])}
+    wrong = {"proof": ZERO_HASH}
+
+    # Spread over two uploads of the same content: the count is the user's, not the upload's.
+    for attempt in range(MAX_PROOF_FAILURES - 1):
+        await problem(await rival.complete(ids[attempt % 2], wrong), 422, "proof_mismatch")
+    # A right proof does not count.
+    assert (await rival.complete(ids[0], right)).status == 200
+    await problem(await rival.complete(ids[1], wrong), 422, "proof_mismatch")
+
+    refused = await rival.complete(ids[1], right)
+    body = await problem(refused, 429, "proof_attempts_exhausted")
+    assert 0 < int(refused.headers["Retry-After"]) <= DEFAULT_STATE_TTL
+    assert "chunks" in body["detail"]
+    # A new upload of the content starts from the same count; its chunks still finish it.
+    later = (await (await rival.create(new_upload(data))).json())["upload_id"]
+    await problem(await rival.complete(later, right), 429, "proof_attempts_exhausted")
+    for index, chunk in enumerate(pieces(data)):
+        await rival.put_ok(later, index, chunk)
+    assert (await rival.complete(later)).status == 200
+    # Another user is not held back by the rival's guesses.
+    mine = (await (await uploader.create(new_upload(data))).json())["upload_id"]
+    own = (await uploader.status(mine))["challenge"]
+    proof = {"proof": sha256(data[own["offset"] : own["offset"] + own["length"]])}
+    assert (await uploader.complete(mine, proof)).status == 200
 
 
 async def test_proof_for_a_normal_upload_is_400(uploader: Uploader) -> None:

@@ -32,6 +32,7 @@ from shared.resources import BLOBS, KV
 from shared.settings import Settings
 from stream_service.app import create_app
 from stream_service.keys import UPLOADS
+from stream_service.services.uploads import MAX_PROOF_FAILURES
 from tests.api.test_uploads import Gate, announce_subscriptions
 
 pytestmark = pytest.mark.integration
@@ -150,3 +151,37 @@ async def test_chunks_spread_over_two_replicas_make_one_file(
     for replica in (first, second):  # the chunks go after the answer
         await replica.app[UPLOADS].settled()
     assert not (blob_root / "uploads" / upload_id).exists()
+
+
+async def test_one_challenge_and_one_count_of_wrong_proofs_across_replicas(
+    replicas: tuple[Client, Client], headers: dict[str, str]
+) -> None:
+    first, second = replicas
+    data = os.urandom(2 * MIB + 1000)
+
+    async def whole() -> AsyncIterator[bytes]:
+        yield data
+
+    await first.app[BLOBS].write(content_blob_key(content_hash(data)), whole())
+    body = {"filename": "film.mp4", "size": len(data), "content_hash": content_hash(data)}
+    created = []
+    for replica in (first, second, first):
+        response = await replica.post("/api/v1/uploads", json=body, headers=headers)
+        assert response.status == 200, await response.text()
+        created.append(await response.json())
+    challenge = created[0]["challenge"]
+    assert [c["challenge"] for c in created] == [challenge] * 3
+
+    def complete(index: int, proof: str) -> Any:
+        replica = (first, second)[index % 2]
+        upload_id = created[index % 3]["upload_id"]
+        return replica.post(
+            f"/api/v1/uploads/{upload_id}/complete", json={"proof": proof}, headers=headers
+        )
+
+    for attempt in range(MAX_PROOF_FAILURES):
+        assert (await complete(attempt, "0" * 64)).status == 422
+    offset, length = challenge["offset"], challenge["length"]
+    refused = await complete(1, hashlib.sha256(data[offset : offset + length]).hexdigest())
+    assert refused.status == 429, await refused.text()
+    assert (await refused.json())["code"] == "proof_attempts_exhausted"
