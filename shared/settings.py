@@ -100,6 +100,9 @@ class Settings:
     # Failed sign-ins tolerated per username (and 5x that per client address) in a window.
     login_max_failures: int = 10
     login_window_seconds: int = 900
+    # Lifetime of an access token (the api signs, the gateway checks; live sockets end
+    # with it). Tests shorten it.
+    access_token_seconds: int = 900
     # Per-user rate limits as (count, seconds): at most count in each window of seconds.
     comment_rate: tuple[int, float] = (10, 60.0)
     danmaku_rate: tuple[int, float] = (10, 10.0)
@@ -172,6 +175,7 @@ class Settings:
             argon2_memory_kib=reader.parse("VOD_ARGON2_MEMORY_KIB", "65536", _positive_int),
             login_max_failures=reader.parse("VOD_LOGIN_MAX_FAILURES", "10", _positive_int),
             login_window_seconds=reader.parse("VOD_LOGIN_WINDOW_SECONDS", "900", _positive_int),
+            access_token_seconds=reader.parse("VOD_ACCESS_TOKEN_SECONDS", "900", _positive_int),
             comment_rate=reader.parse("VOD_COMMENT_RATE", "10/60", _rate),
             danmaku_rate=reader.parse("VOD_DANMAKU_RATE", "10/10", _rate),
             blocked_words=tuple(
