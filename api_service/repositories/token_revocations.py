@@ -26,9 +26,11 @@ class TokenRevocationRepository:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def add(self, revocation: Revocation, *, now: datetime) -> None:
+    async def add(self, revocation: Revocation, *, now: datetime) -> datetime:
         """Records ``revocation`` (a repeat keeps the later expiry) and removes the rows
-        that expired before ``now``, so the table holds only what can still matter."""
+        that expired before ``now``, so the table holds only what can still matter.
+
+        Returns the expiry recorded: ``revocation``'s, or the later one already there."""
         try:
             async with self._db.transaction() as conn:
                 await conn.execute(
@@ -43,18 +45,21 @@ class TokenRevocationRepository:
                     delete(token_revocations).where(token_revocations.c.expires_at <= now)
                 )
         except DuplicateKeyError:
-            # Revoked before (a second sign-out, a family revoked twice): keep the row,
+            # Revoked before (a family revoked by two replicas at once): keep the row,
             # with whichever expiry is later.
+            names = (
+                token_revocations.c.kind == revocation.kind,
+                token_revocations.c.subject == revocation.subject,
+            )
             async with self._db.transaction() as conn:
                 await conn.execute(
                     update(token_revocations)
-                    .where(
-                        token_revocations.c.kind == revocation.kind,
-                        token_revocations.c.subject == revocation.subject,
-                        token_revocations.c.expires_at < revocation.expires_at,
-                    )
+                    .where(*names, token_revocations.c.expires_at < revocation.expires_at)
                     .values(expires_at=revocation.expires_at)
                 )
+                recorded = await conn.scalar(select(token_revocations.c.expires_at).where(*names))
+            return recorded or revocation.expires_at
+        return revocation.expires_at
 
     async def unexpired(self, now: datetime) -> AsyncIterator[Revocation]:
         """Every revocation still in force at ``now``, read in batches by primary key."""

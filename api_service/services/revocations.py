@@ -77,7 +77,7 @@ class Revocations:
         now = self._clock()
         # At least a second: a token at the very end of its life is still refused.
         expires_at = max(expires_at, now + timedelta(seconds=1))
-        await self._repository.add(
+        expires_at = await self._repository.add(
             Revocation(kind=kind, subject=subject, expires_at=expires_at), now=now
         )
         await self._kv.set(
