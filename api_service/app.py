@@ -135,7 +135,10 @@ async def revocations_ctx(app: web.Application) -> AsyncIterator[None]:
     then keeps checking (a flush or a restart of Redis empties it)."""
     revocations = app[REVOCATIONS]
     await revocations.try_restore()
-    task = asyncio.create_task(revocations.keep_restored(), name="revocations:restore")
+    # Sockets opened while the store was empty are looked at again after a restore.
+    task = asyncio.create_task(
+        revocations.keep_restored(app[TOKEN_WATCH].check_all), name="revocations:restore"
+    )
     try:
         yield
     finally:

@@ -12,7 +12,8 @@ token id, refresh family and user, for as long as it is open:
 - **missed messages**: a socket's token is looked up in the revocation list once it is
   registered (it may have been revoked between the gateway's check and now), and every
   socket's again each time the subscription is (re)established (messages published while
-  it was down are lost).
+  it was down are lost) and after the revocations are restored into an emptied store
+  (the gateway let tokens through while it was empty).
 
 Any socket that is opened with a token uses it the same way (``guard``); the gateway's
 bridge passes the close code on to the browser.
@@ -39,7 +40,7 @@ RESUBSCRIBE_DELAY: Final = 1.0
 # close(code, reason): ends one socket; may be awaited from any task.
 Close = Callable[[int, str], Awaitable[object]]
 # Called each time the subscription is (re)established, before sockets are re-checked.
-OnSubscribed = Callable[[], Awaitable[None]]
+OnSubscribed = Callable[[], Awaitable[object]]
 
 
 class Watched:
@@ -151,7 +152,8 @@ class TokenWatch:
         if revoked:
             self._end(watched, CLOSE_TOKEN_ENDED, "this session has been signed out")
 
-    async def _check_all(self) -> None:
+    async def check_all(self) -> None:
+        """Looks every socket's token up in the revocation list (after a restore)."""
         everyone = {w for sockets in self._index["jti"].values() for w in sockets}
         for watched in everyone:
             if not watched.ended:
@@ -183,7 +185,7 @@ class TokenWatch:
                     if self._on_subscribed is not None:
                         await self._on_subscribed()
                     # Revocations published while unsubscribed were missed: look them up.
-                    await self._check_all()
+                    await self.check_all()
                     self.listening.set()
                     async for message in messages:
                         kind, _, subject = message.partition(" ")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
@@ -106,18 +106,25 @@ class Revocations:
             self._restored.notify_all()
         return True
 
-    async def try_restore(self) -> None:
+    async def try_restore(self) -> bool:
         """``restore_if_empty``, logging rather than raising when a back end is down (the
         next check tries again)."""
         try:
-            await self.restore_if_empty()
+            return await self.restore_if_empty()
         except (KeyValueError, DatabaseUnavailableError) as error:
             logger.warning("revocations: cannot check or restore the store: %s", error)
+            return False
 
-    async def keep_restored(self, interval: float = RESTORE_CHECK_SECONDS) -> None:
-        """Checks the store every ``interval`` seconds, until cancelled."""
+    async def keep_restored(
+        self,
+        after_restore: Callable[[], Awaitable[None]],
+        interval: float = RESTORE_CHECK_SECONDS,
+    ) -> None:
+        """Checks the store every ``interval`` seconds, until cancelled; after each
+        restore, ``after_restore()`` (what was let through meanwhile is looked at again)."""
         while True:
-            await self.try_restore()
+            if await self.try_restore():
+                await after_restore()
             await asyncio.sleep(interval)
 
     async def wait_for_restores(self, count: int) -> None:

@@ -27,7 +27,9 @@ from shared.db.schema import token_revocations
 from shared.kv import open_kv
 from shared.resources import DB, KV
 from shared.settings import Settings
+from tests.clients import Publisher
 from tests.conftest import JWT_PUBLIC_KEY
+from tests.integration.test_live import answering, close_frame, direct_to_api, live, token_of
 from tests.private_servers import RedisServer
 from tests.problems import problem
 from tests.stack import Stack, start_stack
@@ -233,3 +235,27 @@ async def test_a_restore_copies_every_unexpired_revocation_whatever_their_number
     assert 590 <= await kv.ttl(revoked_token_key(token_ids[0])) <= 600
     # Restored once: the next check finds the marker and copies nothing.
     assert not await revocations.restore_if_empty()
+
+
+async def test_a_socket_opened_while_the_store_was_empty_is_closed_by_the_restore(
+    any_stack: Stack,
+) -> None:
+    app = any_stack.servers["api"].app
+    revocations, kv = app[REVOCATIONS], app[KV]
+    alice = Publisher(any_stack, "alice", await any_stack.new_user())
+    video = await alice.video()
+    token = token_of(alice)
+    identity = TokenVerifier(JWT_PUBLIC_KEY).verify(token)
+    signed_out = await any_stack.gateway.delete("/api/v1/sessions", headers=alice.auth)
+    assert signed_out.status == 204
+    # The store lost the revocation and no replica has noticed yet (the marker stays
+    # until the moment the test chooses): a socket with the token gets in.
+    await kv.delete(revoked_token_key(identity.token_id), revoked_family_key(identity.family_id))
+    socket = await direct_to_api(any_stack, live(video["id"]), token)
+    async with socket:
+        await answering(socket)
+        restores = revocations.restores
+        await kv.delete(REVOCATIONS_RESTORED_KEY)
+        async with asyncio.timeout(WAIT):
+            await revocations.wait_for_restores(restores + 1)
+            assert await close_frame(socket) == 4401
