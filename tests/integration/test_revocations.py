@@ -120,6 +120,11 @@ async def test_a_signed_out_token_stays_refused_after_its_keys_are_flushed(
         assert await kv.delete_namespace() > 0
     finally:
         await kv.close()
+    # Before or after the restore, never let through: refused, or 503 until restored.
+    meanwhile = await stack.gateway.get(
+        "/api/v1/users/me", headers={"Authorization": f"Bearer {session.older}"}
+    )
+    assert meanwhile.status in (401, 503), await meanwhile.text()
     async with asyncio.timeout(WAIT):
         await revocations.wait_for_restores(restores + 1)
     await assert_refused(stack, session)
