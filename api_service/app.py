@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -16,22 +17,27 @@ from api_service.keys import (
     DANMAKU,
     LIVE_HUB,
     READ_PINS,
+    REVOCATIONS,
     SESSIONS,
     SIGNER,
+    TOKEN_WATCH,
     USERS,
     VIDEOS,
 )
 from api_service.live.hub import LiveHub
+from api_service.live.token_watch import TokenWatch
 from api_service.read_routing import ReadYourWrites, read_routing_middleware
 from api_service.repositories.comments import CommentRepository
 from api_service.repositories.danmaku import DanmakuRepository
 from api_service.repositories.refresh_tokens import RefreshTokenRepository
+from api_service.repositories.token_revocations import TokenRevocationRepository
 from api_service.repositories.users import UserRepository
 from api_service.repositories.videos import VideoRepository
 from api_service.routes import setup_routes
 from api_service.services.comments import CommentService
 from api_service.services.danmaku import DanmakuService
 from api_service.services.passwords import PasswordHasher
+from api_service.services.revocations import Revocations
 from api_service.services.sessions import LoginThrottle, SessionService
 from api_service.services.spam import BlockedWords, RateLimit
 from api_service.services.users import UserService
@@ -112,6 +118,9 @@ async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
         rate_limit=RateLimit(kv, action="danmaku", count=danmaku_count, seconds=danmaku_seconds),
         blocked_words=blocked_words,
     )
+    app[REVOCATIONS] = Revocations(kv=kv, repository=TokenRevocationRepository(db))
+    # A Redis restart drops the subscription: its return is the first sign to restore.
+    app[TOKEN_WATCH] = TokenWatch(kv, on_subscribed=app[REVOCATIONS].try_restore)
     app[SESSIONS] = SessionService(
         db=db,
         users=users,
@@ -119,6 +128,7 @@ async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
         hasher=hasher,
         signer=app[SIGNER],
         kv=kv,
+        revocations=app[REVOCATIONS],
         throttle=LoginThrottle(
             kv,
             max_failures=settings.login_max_failures,
@@ -132,18 +142,38 @@ async def domain_ctx(app: web.Application) -> AsyncIterator[None]:
         hasher.close()
 
 
+async def revocations_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Restores the revocations into an empty key-value store before the first request,
+    then keeps checking (a flush or a restart of Redis empties it)."""
+    revocations = app[REVOCATIONS]
+    await revocations.try_restore()
+    # Sockets opened while the store was empty are looked at again after a restore.
+    task = asyncio.create_task(
+        revocations.keep_restored(app[TOKEN_WATCH].check_all), name="revocations:restore"
+    )
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def live_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Runs the live hub (fan-out subscription, viewer counts) while the app runs."""
-    hub = app[LIVE_HUB]
+    """Runs the live hub (fan-out subscription, viewer counts) and the token watch
+    (sockets end with their token) while the app runs."""
+    hub, watch = app[LIVE_HUB], app[TOKEN_WATCH]
     hub.start()
+    watch.start()
     try:
         async with asyncio.timeout(LIVE_SUBSCRIBE_WAIT):
-            await hub.listening.wait()
+            await asyncio.gather(hub.listening.wait(), watch.listening.wait())
     except TimeoutError:
         logger.warning("live: no fan-out subscription yet; live danmaku wait for Redis")
     try:
         yield
     finally:
+        await watch.close()
         await hub.close()
 
 
@@ -161,11 +191,13 @@ def create_app(
     Raises ``ConfigError`` without a JWT private key: the api signs every access token.
     """
     app = create_base_app(SERVICE, settings)
-    app[SIGNER] = TokenSigner(settings.require_private_key())
+    app[SIGNER] = TokenSigner(
+        settings.require_private_key(), lifetime=settings.access_token_seconds
+    )
     if settings.db_read_url is not None:
         # Reads that may go to the replica, and when a writer's must not (read_routing.py).
         app.middlewares.append(read_routing_middleware(READ_PINS))
-    app.cleanup_ctx.extend([*contexts, domain_ctx, live_ctx])
+    app.cleanup_ctx.extend([*contexts, domain_ctx, revocations_ctx, live_ctx])
     app.on_shutdown.append(close_live_sockets)
     setup_routes(app)
     return app

@@ -4,6 +4,11 @@ Upstreams trust the ``X-User-*`` / ``X-Token-*`` headers only because the gatewa
 whatever a client sent under those names and sets them solely from what ``authenticate``
 returns: a token whose signature (Ed25519, algorithm pinned), ``exp``, ``iat``, ``iss``
 and ``aud`` check out, and that is not on the revocation list in Redis.
+
+The revocation list is only as good as the store holding it: the api copies it back from
+the database into a store that lost it and then sets ``REVOCATIONS_RESTORED_KEY``. Once
+this gateway has seen that marker, a store without it has come back empty (a restart, a
+flush) and is not believed: signed requests are 503 until the api has restored it.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ from aiohttp import hdrs, web
 
 from shared.auth import (
     LEEWAY_SECONDS,
+    REVOCATIONS_RESTORED_KEY,
     Identity,
     TokenVerifier,
     revoked_family_key,
     revoked_token_key,
 )
-from shared.errors import UnauthorizedError
+from shared.errors import ServiceUnavailableError, UnauthorizedError
 from shared.kv import KeyValueStore
 
 # Browsers cannot set headers on a WebSocket handshake, so the live channel may carry the
@@ -30,6 +36,12 @@ ACCESS_TOKEN_PARAM = "access_token"  # noqa: S105 - a query parameter name
 
 # Tokens whose signature and claims were verified, remembered by their exact text.
 VERIFIED_TOKENS: Final = 4096
+
+# One round trip: is the token revoked, is its family, does the store hold the list?
+_LOOK_UP = """
+return {redis.call('EXISTS', KEYS[1]), redis.call('EXISTS', KEYS[2]),
+        redis.call('EXISTS', KEYS[3])}
+"""
 
 
 class Authenticator:
@@ -57,6 +69,10 @@ class Authenticator:
         self._clock = clock
         # token -> (identity, the first instant at which it counts as expired)
         self._verified: dict[str, tuple[Identity, float]] = {}
+        self._look_up = kv.script(_LOOK_UP)
+        # Whether the store has held the restored list since this process started: a
+        # deployment without an api restoring it (tests of the gateway alone) never has.
+        self._seen_restored = False
 
     async def authenticate(self, request: web.Request, *, websocket: bool) -> Identity | None:
         """The verified caller, None when no token was presented, 401 for a bad one.
@@ -70,11 +86,24 @@ class Authenticator:
         if token is None:
             return None
         identity = self._verify(token)
-        revoked = await self._kv.exists(revoked_token_key(identity.token_id)) or (
-            await self._kv.exists(revoked_family_key(identity.family_id))
+        token_revoked, family_revoked, restored = await self._look_up(
+            keys=[
+                revoked_token_key(identity.token_id),
+                revoked_family_key(identity.family_id),
+                REVOCATIONS_RESTORED_KEY,
+            ]
         )
-        if revoked:
+        if token_revoked or family_revoked:
             raise UnauthorizedError("This session has been signed out.", code="token_revoked")
+        if restored:
+            self._seen_restored = True
+        elif self._seen_restored:
+            raise ServiceUnavailableError(
+                "Sign-outs are being restored after a key-value store restart; "
+                "try again in a moment.",
+                code="revocations_restoring",
+                headers={"Retry-After": "1"},
+            )
         return identity
 
     def _verify(self, token: str) -> Identity:

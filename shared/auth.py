@@ -94,6 +94,14 @@ def revoked_family_key(family_id: str) -> str:
     return f"revoked:family:{family_id}"
 
 
+# Published "<kind> <subject>" (kind: jti, family or user) after each revocation is
+# stored, so every api replica ends the live sockets opened with a token it names.
+REVOCATIONS_CHANNEL = "revoked"
+# Set once the store holds every revocation still in force (restored from the
+# database); a store that lacks it is new, restarted empty or flushed.
+REVOCATIONS_RESTORED_KEY = "revoked:restored"
+
+
 class TokenSigner:
     """Signs access tokens with the private key (api_service only)."""
 

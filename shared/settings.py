@@ -114,6 +114,9 @@ class Settings:
     # Sign-ups per client address as (count, seconds): each costs a password hash and opens
     # a fresh allowance of failed sign-ins.
     signup_rate: tuple[int, float] = (20, 3600.0)
+    # Lifetime of an access token (the api signs, the gateway checks; live sockets end
+    # with it). Tests shorten it.
+    access_token_seconds: int = 900
     # Per-user rate limits as (count, seconds): at most count in each window of seconds.
     comment_rate: tuple[int, float] = (10, 60.0)
     danmaku_rate: tuple[int, float] = (10, 10.0)
@@ -195,6 +198,7 @@ class Settings:
             login_max_failures=reader.parse("VOD_LOGIN_MAX_FAILURES", "10", _positive_int),
             login_window_seconds=reader.parse("VOD_LOGIN_WINDOW_SECONDS", "900", _positive_int),
             signup_rate=reader.parse("VOD_SIGNUP_RATE", "20/3600", _rate),
+            access_token_seconds=reader.parse("VOD_ACCESS_TOKEN_SECONDS", "900", _positive_int),
             comment_rate=reader.parse("VOD_COMMENT_RATE", "10/60", _rate),
             danmaku_rate=reader.parse("VOD_DANMAKU_RATE", "10/10", _rate),
             blocked_words=tuple(

@@ -9,7 +9,8 @@ The live channel (``GET /api/v1/videos/{video_id}/live``), after the upgrade:
   a bad message is answered ``{"type":"error","code":...}`` and the socket stays open.
 
 Close codes: 4404 unknown video (the upgrade is accepted first, so a browser can read
-the code), 4401 a send without signing in, 4429 a sender over the danmaku rate limit or
+the code), 4401 a send without signing in, or the socket's token signed out or expired
+(``api_service.live.token_watch``), 4429 a sender over the danmaku rate limit or
 a client sending more than ``MAX_MESSAGES_PER_SECOND`` frames, 1011 a back end failing.
 """
 
@@ -22,7 +23,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import WSMsgType, web
 
-from api_service.keys import DANMAKU, LIVE_HUB
+from api_service.keys import DANMAKU, LIVE_HUB, TOKEN_WATCH
 from api_service.schemas import parse_danmaku_window, parse_new_danmaku
 from api_service.services.danmaku import DanmakuService
 from shared.auth import Identity
@@ -93,10 +94,17 @@ async def watch_live(request: web.Request) -> web.StreamResponse:
         lambda: ws.close(code=CLOSE_GOING_AWAY, message=b"shutting down"),
         start=False,
     )
+    identity = request_identity(request)
+
+    async def close(code: int, reason: str) -> None:
+        await ws.close(code=code, message=reason.encode()[:120])
+
     try:
         await ws.prepare(request)
         viewer.start()
-        await _read_until_closed(ws, service, video_id, request_identity(request))
+        # The socket ends with its token: sign-out anywhere, or expiry, closes it (4401).
+        async with request.app[TOKEN_WATCH].guard(identity, close):
+            await _read_until_closed(ws, service, video_id, identity)
     finally:
         await hub.leave(viewer)
     return ws

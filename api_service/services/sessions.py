@@ -26,13 +26,8 @@ from api_service.repositories.refresh_tokens import RefreshTokenRepository
 from api_service.repositories.users import User, UserRepository
 from api_service.schemas import is_username
 from api_service.services.passwords import PasswordHasher
-from shared.auth import (
-    REFRESH_TOKEN_SECONDS,
-    Identity,
-    TokenSigner,
-    revoked_family_key,
-    revoked_token_key,
-)
+from api_service.services.revocations import Revocations
+from shared.auth import REFRESH_TOKEN_SECONDS, Identity, TokenSigner
 from shared.db import Database, new_id
 from shared.errors import RateLimitedError, UnauthorizedError
 from shared.kv import KeyValueStore
@@ -143,6 +138,7 @@ class SessionService:
         signer: TokenSigner,
         kv: KeyValueStore,
         throttle: LoginThrottle,
+        revocations: Revocations,
         refresh_lifetime: int = REFRESH_TOKEN_SECONDS,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -153,6 +149,7 @@ class SessionService:
         self._signer = signer
         self._kv = kv
         self._throttle = throttle
+        self._revocations = revocations
         self._refresh_lifetime = timedelta(seconds=refresh_lifetime)
         self._clock = clock
 
@@ -253,14 +250,13 @@ class SessionService:
 
     async def sign_out(self, identity: Identity) -> None:
         """Revoke the presented access token now and the refresh family behind it."""
-        remaining = max(identity.expires_at - int(self._clock().timestamp()), 1)
-        await self._kv.set(revoked_token_key(identity.token_id), "1", ex=remaining)
+        await self._revocations.revoke_token(identity.token_id, expires_at=identity.expires_at)
         await self._revoke_family(identity.family_id)
 
     async def _revoke_family(self, family_id: str) -> None:
         # Every access token of the family expires within one access lifetime, so the
-        # Redis entry only needs to outlive that.
-        await self._kv.set(revoked_family_key(family_id), "1", ex=self._signer.lifetime + 60)
+        # revocation only needs to outlive that.
+        await self._revocations.revoke_family(family_id, seconds=self._signer.lifetime + 60)
         async with self._db.transaction() as conn:
             await self._refresh_tokens.revoke_family(conn, family_id, self._clock())
 

@@ -293,3 +293,17 @@ danmaku = Table(
     Index("ix_danmaku_video_id_offset_ms", "video_id", "offset_ms"),
     **MYSQL_TABLE_OPTIONS,
 )
+
+# Revoked access tokens (kind 'jti') and refresh families (kind 'family') (migration
+# 0006), each kept until expires_at, when no access token it names can pass any more.
+# Redis holds the copy the gateway reads; this is what it is restored from when Redis
+# comes back empty. Rows past expires_at are removed as new ones are written.
+token_revocations = Table(
+    "token_revocations",
+    metadata,
+    Column("kind", String(8), primary_key=True),
+    Column("subject", String(64), primary_key=True),
+    Column("expires_at", UtcDateTime(), nullable=False, index=True),
+    Column("revoked_at", UtcDateTime(), nullable=False),
+    **MYSQL_TABLE_OPTIONS,
+)

@@ -1,6 +1,7 @@
 """The live channel end to end: two api replicas behind their own gateways, sharing Redis
 and the bus (embedded and real), a viewer on one and the sender on the other; viewer
-counts summed across replicas; the 4401, 4404 and 4429 closes as a browser sees them."""
+counts summed across replicas; the 4401, 4404 and 4429 closes as a browser sees them;
+sockets that end with their token (signed out on any replica, or expired)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import dataclasses
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,13 +19,17 @@ from aiohttp import WSMsgType
 
 from api_service.app import create_app as create_api_app
 from gateway.app import create_app as create_gateway_app
+from shared.auth import TokenVerifier
 from shared.kv import open_kv
 from shared.settings import Settings
 from tests.clients import Publisher
+from tests.conftest import INTERNAL_TOKEN, JWT_PUBLIC_KEY
 from tests.stack import Stack, start_stack
 
 # The design's promise: a danmaku reaches every viewer within a second.
 DELIVERY_DEADLINE = 1.0
+# A sign-out (or the token's expiry) closes its sockets on every replica within this.
+TOKEN_END_DEADLINE = 2.0
 WAIT = 10.0
 
 
@@ -231,3 +237,96 @@ async def test_a_revoked_or_bad_token_is_refused_at_the_handshake(replicas: Repl
             live(video["id"]) + f"?access_token={secrets.token_hex(8)}"
         )
     assert refused.value.status == 401
+
+
+async def close_frame(ws: aiohttp.ClientWebSocketResponse) -> int | None:
+    """The code of the close frame the server sent (what a browser's close event shows):
+    a server closing from another task than its reader's drops the connection without
+    awaiting the reply, so the client's own ``close_code`` may end up 1006."""
+    while True:
+        message = await ws.receive()
+        if message.type is WSMsgType.CLOSE:
+            return int(message.data)
+        if message.type is WSMsgType.CLOSED:
+            return None
+
+
+async def answering(ws: aiohttp.ClientWebSocketResponse) -> None:
+    """Returns once the api's handler answers a frame: the socket is past its set-up."""
+    await ws.send_json({"type": "hello"})
+    assert (await next_of_type(ws, "error"))["code"] == "unknown_message"
+
+
+async def direct_to_api(stack: Stack, path: str, token: str) -> aiohttp.ClientWebSocketResponse:
+    """A socket straight to ``stack``'s api replica, as the gateway's bridge opens it."""
+    identity = TokenVerifier(JWT_PUBLIC_KEY).verify(token)
+    url = str(stack.servers["api"].make_url(path))
+    return await stack.gateway.session.ws_connect(
+        url, headers={"X-Internal-Token": INTERNAL_TOKEN, **identity.to_headers()}
+    )
+
+
+async def test_signing_out_on_one_replica_closes_that_sessions_sockets_on_every_replica(
+    replicas: Replicas,
+) -> None:
+    alice = await publisher(replicas.a, "alice")
+    video = await alice.video()
+    bob = await publisher(replicas.b, "bob")
+    path = live(video["id"])
+    through_b = await replicas.b.gateway.ws_connect(path + f"?access_token={token_of(alice)}")
+    through_a = await replicas.a.gateway.ws_connect(path, headers=alice.auth)
+    on_api_b = await direct_to_api(replicas.b, path, token_of(alice))
+    someone_else = await replicas.b.gateway.ws_connect(path, headers=bob.auth)
+    alices = [through_b, through_a, on_api_b]
+    try:
+        await asyncio.gather(*(answering(ws) for ws in [*alices, someone_else]))
+
+        signed_out = await replicas.a.gateway.delete("/api/v1/sessions", headers=alice.auth)
+        assert signed_out.status == 204
+
+        async with asyncio.timeout(TOKEN_END_DEADLINE):
+            closes = await asyncio.gather(*(close_frame(ws) for ws in alices))
+        assert closes == [4401, 4401, 4401]
+        # Only that session's sockets: another user's stays open and answered.
+        await answering(someone_else)
+    finally:
+        await asyncio.gather(*(ws.close() for ws in [*alices, someone_else]))
+
+
+async def test_a_socket_closes_when_its_token_expires(
+    aiohttp_server: Any, aiohttp_client: Any, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(VOD_ACCESS_TOKEN_SECONDS="3")
+    stack = await start_stack(settings, aiohttp_server, aiohttp_client)
+    alice = await publisher(stack, "alice")
+    video = await alice.video()
+    expires_at = TokenVerifier(JWT_PUBLIC_KEY).verify(token_of(alice)).expires_at
+    path = live(video["id"])
+    through_gateway = await stack.gateway.ws_connect(path, headers=alice.auth)
+    on_api = await direct_to_api(stack, path, token_of(alice))
+    anonymous = await stack.gateway.ws_connect(path)
+    try:
+        await asyncio.gather(*(answering(ws) for ws in (through_gateway, on_api, anonymous)))
+
+        async with asyncio.timeout(expires_at - time.time() + TOKEN_END_DEADLINE):
+            closes = await asyncio.gather(close_frame(through_gateway), close_frame(on_api))
+        assert list(closes) == [4401, 4401]
+        assert time.time() >= expires_at  # at the expiry, not before
+        # A viewer who never signed in has no token to lose.
+        await answering(anonymous)
+    finally:
+        await asyncio.gather(*(ws.close() for ws in (through_gateway, on_api, anonymous)))
+
+
+async def test_a_socket_opened_as_its_token_is_revoked_is_closed(replicas: Replicas) -> None:
+    # The gateway checked the token before the sign-out, the api registers the socket
+    # after the sign-out's message went by: opened straight on the api with the identity
+    # the gateway would have forwarded, the socket still finds the revocation.
+    alice = await publisher(replicas.a, "alice")
+    video = await alice.video()
+    signed_out = await replicas.a.gateway.delete("/api/v1/sessions", headers=alice.auth)
+    assert signed_out.status == 204
+    late = await direct_to_api(replicas.b, live(video["id"]), token_of(alice))
+    async with late:
+        async with asyncio.timeout(TOKEN_END_DEADLINE):
+            assert await close_frame(late) == 4401

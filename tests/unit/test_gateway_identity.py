@@ -1,5 +1,6 @@
 """The gateway's authenticator: verified tokens are remembered, never beyond their expiry,
-never in place of the revocation list, and only by their exact text."""
+never in place of the revocation list, and only by their exact text; a store that lost
+the revocation list is not believed."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gateway.identity import Authenticator
 from shared.auth import (
     LEEWAY_SECONDS,
+    REVOCATIONS_RESTORED_KEY,
     Identity,
     TokenSigner,
     TokenVerifier,
     revoked_token_key,
 )
-from shared.errors import UnauthorizedError
+from shared.errors import ServiceUnavailableError, UnauthorizedError
 from shared.kv import KeyValueStore, open_kv
 
 
@@ -115,3 +117,33 @@ async def test_memory_stays_bounded_whatever_the_number_of_tokens(kv: KeyValueSt
     assert verifier.calls == 3
     await authenticator.authenticate(_bearer("a"), websocket=False)
     assert verifier.calls == 4
+
+
+async def test_a_store_that_lost_the_revocation_list_is_not_believed(kv: KeyValueStore) -> None:
+    signer, verifier = _keys()
+    token, identity = signer.issue(user_id="u1", username="ann", family_id="fam")
+    authenticator = Authenticator(verifier, kv)
+    await kv.set(REVOCATIONS_RESTORED_KEY, "restored")
+    assert await authenticator.authenticate(_bearer(token), websocket=False) == identity
+
+    # Redis restarted empty (or was flushed): until the api has copied the revocations
+    # back, a token may be signed out without the store knowing.
+    await kv.delete(REVOCATIONS_RESTORED_KEY)
+    with pytest.raises(ServiceUnavailableError) as refused:
+        await authenticator.authenticate(_bearer(token), websocket=False)
+    assert refused.value.instance_code == "revocations_restoring"
+    assert refused.value.headers["Retry-After"] == "1"
+
+    await kv.set(REVOCATIONS_RESTORED_KEY, "restored")
+    assert await authenticator.authenticate(_bearer(token), websocket=False) == identity
+
+
+async def test_a_gateway_that_never_saw_the_list_restored_trusts_the_store(
+    kv: KeyValueStore,
+) -> None:
+    # A gateway in front of upstreams that do not restore revocations (no api yet).
+    signer, verifier = _keys()
+    token, identity = signer.issue(user_id="u1", username="ann", family_id="fam")
+    assert await Authenticator(verifier, kv).authenticate(_bearer(token), websocket=False) == (
+        identity
+    )

@@ -1,7 +1,7 @@
 """Refresh tokens bound to a device.
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 
 ``refresh_tokens.device_hash``: the SHA-256 of the random device id a browser sign-in
 (cookie mode) was given in its ``vod_device`` cookie, copied onto every token of the
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0007"
-down_revision: str | None = "0005"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
