@@ -152,6 +152,22 @@ async def test_head_and_conditional_get(stack: Stack, film: tuple[bytes, dict[st
     assert (await get(stack, video, **{"If-None-Match": etag})).status == 304
 
 
+@pytest.mark.parametrize("since", ["Mon, 01 Jan 2024 00:00:00", "Mon, 01 Jan 2024 00:00:00 -0000"])
+async def test_an_if_modified_since_without_a_zone_is_ignored_not_a_500(
+    stack: Stack, film: tuple[bytes, dict[str, Any]], since: str
+) -> None:
+    """Issue 19, point 9: anonymously, each of these was a 500 with a traceback."""
+    data, video = film
+    response = await get(stack, video, **{"If-Modified-Since": since})
+    assert response.status == 200, await response.text()
+    assert await response.read() == data
+    ranged = await get(stack, video, Range="bytes=0-9", **{"If-Range": since})
+    assert ranged.status == 200, await ranged.text()
+    # asctime's form is an HTTP-date (in UTC): a date after the film's is a 304.
+    asctime = "Sun Nov  6 08:49:37 2094"
+    assert (await get(stack, video, **{"If-Modified-Since": asctime})).status == 304
+
+
 async def test_deleted_or_unknown_videos_do_not_stream(
     stack: Stack, film: tuple[bytes, dict[str, Any]]
 ) -> None:
