@@ -76,6 +76,9 @@ class Settings:
     max_json_bytes: int = 64 * 1024
     stream_max_connections: int = 256
     stream_max_per_client: int = 8
+    # A streamed response (the stream service's, and the gateway's relay of any) whose
+    # client takes no bytes this long is dropped, freeing its stream slot (shared.stall).
+    stream_stall_seconds: float = 30.0
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 60.0
     # Slow clients at the gateway (docs/security.md): the time to send a request's
@@ -153,6 +156,7 @@ class Settings:
             max_json_bytes=reader.parse("VOD_MAX_JSON_BYTES", str(64 * 1024), _positive_int),
             stream_max_connections=reader.parse("VOD_STREAM_MAX_CONNECTIONS", "256", _positive_int),
             stream_max_per_client=reader.parse("VOD_STREAM_MAX_PER_CLIENT", "8", _positive_int),
+            stream_stall_seconds=reader.parse("VOD_STREAM_STALL_SECONDS", "30", _positive_float),
             upstream_connect_timeout=reader.parse(
                 "VOD_UPSTREAM_CONNECT_TIMEOUT", "5", _positive_float
             ),
