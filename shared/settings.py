@@ -302,7 +302,7 @@ def _non_negative_float(raw: str) -> float:
 
 def _positive_float(raw: str) -> float:
     value = float(raw)
-    if value <= 0:
+    if not value > 0:  # also refuses nan, which no clock or timeout can use
         raise ValueError("must be positive")
     return value
 

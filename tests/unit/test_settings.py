@@ -27,6 +27,11 @@ def test_services_mode_reads_every_variable() -> None:
     assert settings.max_upload_bytes == 1048576
     assert settings.upstream_urls("api") == ("http://api-a:8001", "http://api-b:8001")
     assert settings.namespace == "vod"
+    assert settings.stream_stall_seconds == 30.0
+    assert (
+        Settings.from_env(SERVICES_ENV | {"VOD_STREAM_STALL_SECONDS": "1.5"}).stream_stall_seconds
+        == 1.5
+    )
 
 
 def test_settings_are_frozen() -> None:
@@ -63,6 +68,8 @@ def test_missing_variable_is_named(missing: str) -> None:
         ("VOD_NAMESPACE", "Bad Name"),
         ("VOD_INTERNAL_TOKEN", "changeme"),
         ("VOD_LOG_LEVEL", "LOUD"),
+        ("VOD_STREAM_STALL_SECONDS", "0"),
+        ("VOD_STREAM_STALL_SECONDS", "nan"),
     ],
 )
 def test_malformed_variable_is_named(variable: str, value: str) -> None:
