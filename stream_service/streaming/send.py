@@ -21,11 +21,11 @@ FALLBACK_CHUNK = 2 * 1024 * 1024
 # while a long range is sent, and stops when the client stops reading (each slice is
 # one loop.sendfile call: a few microseconds of overhead per 8 MiB).
 SENDFILE_SLICE = 8 * 1024 * 1024
-# What of a slice one ``loop.sendfile`` is handed once the socket is full, at least: the
-# stall clock (shared.stall) only sees progress when such a call returns, so a reader
-# slower than a piece per stall period would look stalled. A piece is the socket's send
-# buffer (small on a slow link, megabytes on a fast one), never less than this.
-WAITED_PIECE_MIN = 256 * 1024
+# What of a slice one ``loop.sendfile`` is handed once the socket is full: the stall
+# clock (shared.stall) sees progress only when such a call returns, so a reader slower
+# than one piece per stall period would look stalled (1 MiB per 30 s: 35 kB/s, nginx's
+# floor with its defaults too). Smaller pieces cost a few microseconds each more.
+WAITED_PIECE = 1024 * 1024
 
 
 class RangeResponse(web.StreamResponse):
@@ -142,7 +142,7 @@ async def _sendfile(
                         # asyncio flushes what the transport buffered (headers that did
                         # not leave at once) before handing over, and waits for the
                         # socket to take the rest: a slow reader pauses us here.
-                        piece = min(count - sent, _waited_piece(transport))
+                        piece = min(count - sent, WAITED_PIECE)
                         try:
                             await loop.sendfile(
                                 transport, handle, offset + sent, piece, fallback=False
@@ -171,16 +171,6 @@ async def _sendfile(
             return False  # raised before a byte is sent: reading instead is safe
         raise
     return True
-
-
-def _waited_piece(transport: asyncio.BaseTransport) -> int:
-    """How much of a slice to hand one waiting ``loop.sendfile`` (``WAITED_PIECE_MIN``)."""
-    sock = transport.get_extra_info("socket")
-    try:
-        buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) if sock else 0
-    except OSError:
-        buffer = 0
-    return max(int(buffer), WAITED_PIECE_MIN)
 
 
 def _send_at_once(transport: asyncio.BaseTransport, file: int, offset: int, count: int) -> int:

@@ -359,3 +359,36 @@ async def test_the_gateway_drops_a_client_that_stops_reading_and_frees_the_upstr
     again = await stack.gateway.get(video["stream_url"], headers={"Range": "bytes=0-1023"})
     assert again.status == 206
     assert await again.read() == data[:1024]
+
+
+async def test_a_slow_reader_that_keeps_reading_is_not_dropped(
+    aiohttp_server: Any, aiohttp_client: Any, make_settings: Any
+) -> None:
+    """Progress counts, not speed: a client taking bytes far slower than the socket could
+    send them, but steadily, gets the whole film under a short stall period."""
+    stall = 2.0
+    rate = 1.5 * MIB  # bytes/s: a waited piece (1 MiB) takes a third of the stall period
+    stack = await start_stack(
+        make_settings(VOD_STREAM_STALL_SECONDS=str(stall)), aiohttp_server, aiohttp_client
+    )
+    data = MP4_HEAD + os.urandom(8 * MIB)
+    _publisher, video = await publish(stack, data)
+    stream = stack.servers["stream"]
+    assert stream.host is not None
+    assert stream.port is not None
+    reader, writer = await request_and_never_read(
+        stream.host, stream.port, video["stream_url"], {"X-Internal-Token": INTERNAL_TOKEN}
+    )
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=STALL_SLACK)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        digest, received = hashlib.sha256(), 0
+        while received < len(data):
+            piece = await asyncio.wait_for(reader.read(64 * 1024), timeout=STALL_SLACK)
+            assert piece, f"dropped after {received} of {len(data)} bytes"
+            digest.update(piece)
+            received += len(piece)
+            await asyncio.sleep(len(piece) / rate)  # the client's pace, not a wait for the server
+        assert digest.digest() == hashlib.sha256(data).digest()
+    finally:
+        writer.close()
