@@ -70,6 +70,10 @@ class Settings:
     # After a user's write, their reads stay on the primary this long (replica lag bound).
     db_read_your_writes_seconds: float = 5.0
     cors_origins: tuple[str, ...] = ()
+    # Where clients reach the gateway (``https://vod.example.com``, maybe with a path
+    # prefix), for URLs vod hands out (the tus ``Location``); None: such URLs are relative.
+    # Never taken from a request's Host, which any client may set.
+    public_url: str | None = None
     max_upload_bytes: int = 20 * GIB
     # Bytes each user may keep in videos and uploads; 0 = unlimited (stream_service).
     user_quota_bytes: int = 0
@@ -151,6 +155,7 @@ class Settings:
                 "VOD_DB_READ_YOUR_WRITES_SECONDS", "5", _positive_float
             ),
             cors_origins=reader.parse("VOD_CORS_ORIGINS", "", _origins),
+            public_url=reader.parse("VOD_PUBLIC_URL", "", _public_url),
             max_upload_bytes=reader.parse("VOD_MAX_UPLOAD_BYTES", str(20 * GIB), _positive_int),
             user_quota_bytes=reader.parse("VOD_USER_QUOTA_BYTES", "0", _non_negative_int),
             max_json_bytes=reader.parse("VOD_MAX_JSON_BYTES", str(64 * 1024), _positive_int),
@@ -347,6 +352,19 @@ def _origins(raw: str) -> tuple[str, ...]:
         # Browsers send the origin's scheme and host lower-cased (the port as written).
         origins.append(f"{parsed.scheme}://{parsed.netloc.lower()}")
     return tuple(origins)
+
+
+def _public_url(raw: str) -> str | None:
+    """``scheme://host[:port][/prefix]``; "" (unset) is None."""
+    if not raw.strip():
+        return None
+    parsed = urlsplit(raw.strip())
+    # .port raises ValueError for a port that is not a number in range.
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.port == 0:
+        raise ValueError(f"{raw!r} is not a URL like https://vod.example.com[/prefix]")
+    if parsed.query or parsed.fragment or parsed.username or parsed.password:
+        raise ValueError(f"{raw!r} has a query, a fragment or credentials")
+    return f"{parsed.scheme}://{parsed.netloc}{parsed.path.rstrip('/')}"
 
 
 def _log_level(raw: str) -> str:
