@@ -126,3 +126,10 @@ def configure_logging(
     root.setLevel(level)
     # aiohttp's own access log duplicates ours (service_middleware logs every request).
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # Even at DEBUG, no log line may carry a bound SQL value: password hashes, refresh-token
+    # hashes. The engines hide them from SQL errors (hide_parameters, shared.db.database);
+    # aiosqlite logs every call with its arguments at DEBUG; SQLAlchemy's engine, were its
+    # logger let through, logs statements at INFO and their result rows (the password hash
+    # read at sign-in) at DEBUG.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
+    logging.getLogger("sqlalchemy").setLevel(logging.WARNING)

@@ -74,6 +74,10 @@ class Settings:
     # The page's session cookies are Secure even when the gateway is reached over plain
     # http: TLS ends at a balancer in front of it (api_service.session_cookies).
     secure_cookies: bool = False
+    # Where clients reach the gateway (``https://vod.example.com``, maybe with a path
+    # prefix), for URLs vod hands out (the tus ``Location``); None: such URLs are relative.
+    # Never taken from a request's Host, which any client may set.
+    public_url: str | None = None
     max_upload_bytes: int = 20 * GIB
     # Bytes each user may keep in videos and uploads; 0 = unlimited (stream_service).
     user_quota_bytes: int = 0
@@ -82,6 +86,9 @@ class Settings:
     max_json_bytes: int = 64 * 1024
     stream_max_connections: int = 256
     stream_max_per_client: int = 8
+    # A streamed response (the stream service's, and the gateway's relay of any) whose
+    # client takes no bytes this long is dropped, freeing its stream slot (shared.stall).
+    stream_stall_seconds: float = 30.0
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 60.0
     # Slow clients at the gateway (docs/security.md): the time to send a request's
@@ -166,6 +173,7 @@ class Settings:
             ),
             cors_origins=reader.parse("VOD_CORS_ORIGINS", "", _origins),
             secure_cookies=reader.parse("VOD_SECURE_COOKIES", "0", _bool),
+            public_url=reader.parse("VOD_PUBLIC_URL", "", _public_url),
             max_upload_bytes=reader.parse("VOD_MAX_UPLOAD_BYTES", str(20 * GIB), _positive_int),
             user_quota_bytes=reader.parse("VOD_USER_QUOTA_BYTES", "0", _non_negative_int),
             max_uploads_in_progress=reader.parse(
@@ -174,6 +182,7 @@ class Settings:
             max_json_bytes=reader.parse("VOD_MAX_JSON_BYTES", str(64 * 1024), _positive_int),
             stream_max_connections=reader.parse("VOD_STREAM_MAX_CONNECTIONS", "256", _positive_int),
             stream_max_per_client=reader.parse("VOD_STREAM_MAX_PER_CLIENT", "8", _positive_int),
+            stream_stall_seconds=reader.parse("VOD_STREAM_STALL_SECONDS", "30", _positive_float),
             upstream_connect_timeout=reader.parse(
                 "VOD_UPSTREAM_CONNECT_TIMEOUT", "5", _positive_float
             ),
@@ -325,7 +334,7 @@ def _non_negative_float(raw: str) -> float:
 
 def _positive_float(raw: str) -> float:
     value = float(raw)
-    if value <= 0:
+    if not value > 0:  # also refuses nan, which no clock or timeout can use
         raise ValueError("must be positive")
     return value
 
@@ -377,6 +386,19 @@ def _log_format(raw: str) -> str:
     if log_format not in LOG_FORMATS:
         raise ValueError("expected auto, json or text")
     return log_format
+
+
+def _public_url(raw: str) -> str | None:
+    """``scheme://host[:port][/prefix]``; "" (unset) is None."""
+    if not raw.strip():
+        return None
+    parsed = urlsplit(raw.strip())
+    # .port raises ValueError for a port that is not a number in range.
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.port == 0:
+        raise ValueError(f"{raw!r} is not a URL like https://vod.example.com[/prefix]")
+    if parsed.query or parsed.fragment or parsed.username or parsed.password:
+        raise ValueError(f"{raw!r} has a query, a fragment or credentials")
+    return f"{parsed.scheme}://{parsed.netloc}{parsed.path.rstrip('/')}"
 
 
 def _log_level(raw: str) -> str:

@@ -25,6 +25,7 @@ from gateway.proxy.headers import client_response_headers, upstream_request_head
 from gateway.proxy.pacing import BodyPace, paced_body
 from gateway.proxy.table import Service
 from shared.auth import Identity
+from shared.stall import StreamStalledError, stall_guard
 from shared.web import SETTINGS
 
 logger = logging.getLogger(__name__)
@@ -132,26 +133,32 @@ async def _relay_response(
     request: web.Request, upstream: ClientResponse, service: Service, headers: CIMultiDict[str]
 ) -> web.StreamResponse:
     response = RelayedResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    # A client that stops reading is dropped after the stall period (shared.stall), and
+    # the caller then closes the upstream connection its download held.
+    stall_seconds = request.app[SETTINGS].stream_stall_seconds
     try:
         await response.prepare(request)
-        while True:
-            try:
-                chunk = await upstream.content.readany()
-            except (ClientError, TimeoutError) as exc:
-                # The response has started (its headers leave with the first piece, so
-                # they may still be held, but aiohttp has prepared it): a problem
-                # document now could follow part of a body. Cutting the connection is
-                # the only honest signal left; the client sees a short or no answer
-                # and can retry.
-                logger.warning(
-                    "%s failed mid-body (%r); aborting the client connection", service, exc
-                )
-                _abort_client(request)
-                return response
-            if not chunk:
-                break
-            await response.write(chunk)
-        await response.write_eof()
+        async with stall_guard(request.transport, stall_seconds) as guard:
+            while True:
+                try:
+                    chunk = await upstream.content.readany()
+                except (ClientError, TimeoutError) as exc:
+                    # The response has started (its headers leave with the first piece,
+                    # so they may still be held, but aiohttp has prepared it): a problem
+                    # document now could follow part of a body. Cutting the connection
+                    # is the only honest signal left; the client sees a short or no
+                    # answer and can retry.
+                    logger.warning(
+                        "%s failed mid-body (%r); aborting the client connection", service, exc
+                    )
+                    _abort_client(request)
+                    return response
+                if not chunk:
+                    break
+                await guard.write(response.write(chunk))
+            await guard.write(response.write_eof())
+    except StreamStalledError:
+        logger.info("client took no bytes for %g s; dropped", stall_seconds)
     except ConnectionResetError:
         # The client went away; the caller closes the upstream connection.
         logger.info("client disconnected before the end of the response")

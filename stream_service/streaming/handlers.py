@@ -11,7 +11,7 @@ from aiohttp import web
 from shared.errors import NotFoundError
 from shared.layout import thumbnail_key
 from shared.resources import BLOBS
-from shared.web import problem_response
+from shared.web import SETTINGS, problem_response
 from stream_service.keys import CATALOG, LIMITER, OPEN_FILES, STREAM_METRICS
 from stream_service.streaming.catalog import StreamableVideo
 from stream_service.streaming.ranges import Outcome, decide, strong_etag
@@ -94,6 +94,7 @@ async def stream_video(request: web.Request) -> web.StreamResponse:
             start=decision.start,
             length=decision.length,
             on_bytes=request.app[STREAM_METRICS].bytes_sent.inc,
+            stall_seconds=request.app[SETTINGS].stream_stall_seconds,
         )
     return response
 
@@ -124,5 +125,6 @@ async def get_thumbnail(request: web.Request) -> web.StreamResponse:
         start=0,
         length=info.size,
         on_bytes=lambda _n: None,
+        stall_seconds=request.app[SETTINGS].stream_stall_seconds,
     )
     return response

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from enum import Enum
 
@@ -26,6 +26,8 @@ from enum import Enum
 _RANGE_SPEC = re.compile(r"^\s*([0-9]{0,19})\s*-\s*([0-9]{0,19})\s*$")
 # A strong entity tag as vod makes them: the quoted content hash.
 _ETAG_LIST_ITEM = re.compile(r'\s*(W/)?("[^"]*"|\*)\s*(?:,|$)')
+# asctime's form of an HTTP-date ("Sun Nov  6 08:49:37 1994"), the one that names no zone.
+_ASCTIME_DATE = re.compile(r"^\s*[A-Za-z]{3} [A-Za-z]{3} [ 0-9][0-9] [0-9:]{8} [0-9]{4}\s*$")
 
 
 class Outcome(Enum):
@@ -88,10 +90,21 @@ def _etag_matches(header: str, etag: str, *, weak: bool) -> bool:
 
 
 def _http_date(value: str) -> datetime | None:
+    """An HTTP-date, always in UTC; None for anything else, which the caller ignores
+    (RFC 9110 §13.1.3: an If-Modified-Since that is not a valid HTTP-date is ignored).
+
+    The email parser also takes dates without a zone, or with "-0000" (zone unknown), and
+    gives them no time zone: comparing one with an aware datetime raised a TypeError, a 500
+    for any anonymous client. Of those only asctime's form is an HTTP-date, in UTC by
+    definition (RFC 9110 §5.6.7); the others are not dates a recipient may trust.
+    """
     try:
-        return parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        parsed = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    if parsed.tzinfo is not None:
+        return parsed
+    return parsed.replace(tzinfo=UTC) if _ASCTIME_DATE.match(value) else None
 
 
 def decide(

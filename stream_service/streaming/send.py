@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 
 from shared.blobs import BlobStore
+from shared.stall import StallGuard, stall_guard
 from stream_service.streaming.open_files import OpenBlobFiles
 
 # Fallback read size when sendfile is not available (TLS, uvloop): large pieces keep the
@@ -20,6 +21,11 @@ FALLBACK_CHUNK = 2 * 1024 * 1024
 # while a long range is sent, and stops when the client stops reading (each slice is
 # one loop.sendfile call: a few microseconds of overhead per 8 MiB).
 SENDFILE_SLICE = 8 * 1024 * 1024
+# What of a slice one ``loop.sendfile`` is handed once the socket is full: the stall
+# clock (shared.stall) sees progress only when such a call returns, so a reader slower
+# than one piece per stall period would look stalled (1 MiB per 30 s: 35 kB/s, nginx's
+# floor with its defaults too). Smaller pieces cost a few microseconds each more.
+WAITED_PIECE = 1024 * 1024
 
 
 class RangeResponse(web.StreamResponse):
@@ -78,18 +84,30 @@ async def send_range(
     start: int,
     length: int,
     on_bytes: Callable[[int], None],
+    stall_seconds: float,
 ) -> None:
     """Write ``length`` bytes of ``key`` from ``start`` to the prepared ``response``.
 
-    ``files`` holds the open files of local blobs (``blobs``'s) between requests.
+    ``files`` holds the open files of local blobs (``blobs``'s) between requests. A client
+    that takes no bytes for ``stall_seconds`` is dropped (``StreamStalledError``).
     """
-    if not files.is_local(key) or not await _sendfile(
-        request, response, files=files, key=key, start=start, length=length, on_bytes=on_bytes
-    ):
-        async for piece in blobs.read(key, offset=start, length=length, chunk_size=FALLBACK_CHUNK):
-            await response.write(piece)
-            on_bytes(len(piece))
-    await response.write_eof()
+    async with stall_guard(request.transport, stall_seconds) as guard:
+        if not files.is_local(key) or not await _sendfile(
+            request,
+            response,
+            files=files,
+            key=key,
+            start=start,
+            length=length,
+            on_bytes=on_bytes,
+            guard=guard,
+        ):
+            async for piece in blobs.read(
+                key, offset=start, length=length, chunk_size=FALLBACK_CHUNK
+            ):
+                await guard.write(response.write(piece))
+                on_bytes(len(piece))
+        await guard.write(response.write_eof())
 
 
 async def _sendfile(
@@ -101,6 +119,7 @@ async def _sendfile(
     start: int,
     length: int,
     on_bytes: Callable[[int], None],
+    guard: StallGuard,
 ) -> bool:
     """The kernel copies file to socket; False where the transport cannot (then read)."""
     transport = request.transport
@@ -112,25 +131,37 @@ async def _sendfile(
         async with files.lease(key) as handle:
             if isinstance(response, RangeResponse):
                 response.send_held_headers(transport)
-            while offset < end:
-                count = min(SENDFILE_SLICE, end - offset)
-                # The offset is explicit: the open file is shared with other requests.
-                sent = _send_at_once(transport, handle.fileno(), offset, count)
-                if sent < count:
-                    if transport.is_closing():
-                        raise ConnectionResetError("the client went away")
-                    # asyncio flushes what the transport buffered (headers that did
-                    # not leave at once) before handing over, and waits for the
-                    # socket to take the rest: a slow reader pauses us here.
-                    try:
-                        await loop.sendfile(
-                            transport, handle, offset + sent, count - sent, fallback=False
-                        )
-                    except (BrokenPipeError, ConnectionAbortedError) as exc:
-                        # The viewer hung up mid-range: not a server error.
-                        raise ConnectionResetError("the client went away") from exc
-                offset += count
-                on_bytes(count)
+            with guard.writing():
+                while offset < end:
+                    count = min(SENDFILE_SLICE, end - offset)
+                    # The offset is explicit: the open file is shared with other requests.
+                    sent = _send_at_once(transport, handle.fileno(), offset, count)
+                    while sent < count:
+                        if transport.is_closing():
+                            raise ConnectionResetError("the client went away")
+                        # asyncio flushes what the transport buffered (headers that did
+                        # not leave at once) before handing over, and waits for the
+                        # socket to take the rest: a slow reader pauses us here.
+                        piece = min(count - sent, WAITED_PIECE)
+                        try:
+                            await loop.sendfile(
+                                transport, handle, offset + sent, piece, fallback=False
+                            )
+                        except (BrokenPipeError, ConnectionAbortedError) as exc:
+                            # The viewer hung up mid-range: not a server error.
+                            raise ConnectionResetError("the client went away") from exc
+                        except asyncio.SendfileNotAvailableError as exc:
+                            if offset + sent == start:
+                                raise  # nothing sent yet: reading instead is safe
+                            # asyncio says this when the socket fails before a piece's
+                            # first byte; bytes of this range left already, so it is the
+                            # viewer that went away (and reading would send them twice).
+                            raise ConnectionResetError("the client went away") from exc
+                        sent += piece
+                        guard.progressed()
+                    guard.progressed()  # the slice is sent (at once, or piece by piece)
+                    offset += count
+                    on_bytes(count)
     except FileNotFoundError:
         if offset == start:
             return False  # let the store's read report it, as for any other store

@@ -7,7 +7,6 @@ the status codes and headers tus prescribes and are RFC 9457 documents like any 
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Final
@@ -47,9 +46,6 @@ from stream_service.tus.service import TusStatus
 TUS_PATH: Final = "/api/v1/tus"
 # Pieces of a PATCH body handed on as they arrive (at most this much per read).
 BODY_READ_BYTES: Final = 1024 * 1024
-# What the gateway may name as the public host (it copies the client's Host header).
-_HOST_RE: Final = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
-_SCHEMES: Final = frozenset({"http", "https"})
 
 
 async def stamp_tus_resumable(request: web.Request, response: web.StreamResponse) -> None:
@@ -59,15 +55,16 @@ async def stamp_tus_resumable(request: web.Request, response: web.StreamResponse
 
 
 def public_url(request: web.Request, upload_id: str) -> str:
-    """The upload's URL as the client reaches it: through the gateway, which says in
-    ``X-Forwarded-Proto``/``-Host`` how it was called (and overwrites what a client sent)."""
-    scheme = request.headers.get("X-Forwarded-Proto", "")
-    host = request.headers.get("X-Forwarded-Host", "")
-    if scheme not in _SCHEMES:
-        scheme = request.scheme
-    if not _HOST_RE.match(host):
-        host = request.host
-    return f"{scheme}://{host}{TUS_PATH}/{upload_id}"
+    """The upload's URL: under ``VOD_PUBLIC_URL`` when set, else relative (tus 1.0 lets
+    ``Location`` be either; clients resolve it against the URL they posted to).
+
+    Never built from the request's ``Host`` (the gateway passes it on as
+    ``X-Forwarded-Host``): any client sets that, and a URL made from it points wherever
+    the client said; whoever resumes the upload from it sends the bytes and the Bearer
+    token there.
+    """
+    base = request.app[SETTINGS].public_url or ""
+    return f"{base}{TUS_PATH}/{upload_id}"
 
 
 def _http_date(moment: datetime) -> str:

@@ -8,7 +8,6 @@ problem document with a stable code, never a 500. The status codes tus prescribe
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import re
 from dataclasses import dataclass
@@ -152,7 +151,7 @@ def parse_checksum(value: str | None) -> Checksum | None:
         )
     try:
         digest = base64.b64decode(encoded.strip(), validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a character past ASCII (was a 500)
         digest = b""
     if len(digest) != hashlib.new(algorithm).digest_size:
         raise BadRequestError(
@@ -175,7 +174,7 @@ def parse_metadata(value: str | None) -> Metadata:
             pairs[key] = (
                 base64.b64decode(encoded.strip(), validate=True).decode() if encoded else None
             )
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # binascii.Error, UnicodeDecodeError, or a character past ASCII
             raise _bad_metadata(f"the value of {key!r} is not base64 of UTF-8 text") from None
     filename = next((pairs[k] for k in FILENAME_KEYS if pairs.get(k)), None) or DEFAULT_FILENAME
     if (problem := filename_problem(filename)) is not None:

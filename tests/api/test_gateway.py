@@ -446,6 +446,29 @@ async def test_upstream_dying_mid_body_cuts_the_client_off(
         await response.read()
 
 
+async def test_a_slow_upstream_is_not_a_stalled_client(
+    gateway: GatewayFactory, upstreams: Upstreams
+) -> None:
+    """The relay's stall clock counts only waiting on the client: an upstream pausing
+    longer than the stall period between two pieces does not get the client dropped."""
+    stall = 0.3
+
+    async def pause_midway(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.content_length = 2 * 128 * 1024
+        await response.prepare(request)
+        await response.write(b"a" * 128 * 1024)
+        await asyncio.sleep(stall * 4)  # the upstream's own pace: what the test is about
+        await response.write(b"b" * 128 * 1024)
+        return response
+
+    upstreams.stream.app.router.add_get("/api/v1/videos/{id}/stream", pause_midway)
+    client = await gateway(VOD_STREAM_STALL_SECONDS=str(stall))
+    response = await client.get("/api/v1/videos/v1/stream")
+    assert response.status == 200
+    assert await response.read() == b"a" * 128 * 1024 + b"b" * 128 * 1024
+
+
 async def test_small_answer_dying_mid_body_is_a_502(
     gateway: GatewayFactory, upstreams: Upstreams
 ) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import socket
+import time
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
@@ -13,8 +15,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.app import create_app as create_gateway_app
+from shared.web import server_options
 from stream_service.keys import LIMITER
 from tests.clients import MIB, Publisher
+from tests.conftest import INTERNAL_TOKEN
 from tests.problems import problem
 from tests.stack import Stack, start_stack
 
@@ -152,6 +157,22 @@ async def test_head_and_conditional_get(stack: Stack, film: tuple[bytes, dict[st
     assert (await get(stack, video, **{"If-None-Match": etag})).status == 304
 
 
+@pytest.mark.parametrize("since", ["Mon, 01 Jan 2024 00:00:00", "Mon, 01 Jan 2024 00:00:00 -0000"])
+async def test_an_if_modified_since_without_a_zone_is_ignored_not_a_500(
+    stack: Stack, film: tuple[bytes, dict[str, Any]], since: str
+) -> None:
+    """Issue 19, point 9: anonymously, each of these was a 500 with a traceback."""
+    data, video = film
+    response = await get(stack, video, **{"If-Modified-Since": since})
+    assert response.status == 200, await response.text()
+    assert await response.read() == data
+    ranged = await get(stack, video, Range="bytes=0-9", **{"If-Range": since})
+    assert ranged.status == 200, await ranged.text()
+    # asctime's form is an HTTP-date (in UTC): a date after the film's is a 304.
+    asctime = "Sun Nov  6 08:49:37 2094"
+    assert (await get(stack, video, **{"If-Modified-Since": asctime})).status == 304
+
+
 async def test_deleted_or_unknown_videos_do_not_stream(
     stack: Stack, film: tuple[bytes, dict[str, Any]]
 ) -> None:
@@ -219,3 +240,155 @@ async def test_the_limiter_refuses_at_once_and_frees_the_slot_on_disconnect(
         metrics = await response.text()
     assert "vod_stream_refused_total 1.0" in metrics
     assert "vod_stream_active 0.0" in metrics
+
+
+# -- clients that stop reading (issue 19, point 8) ------------------------------------------
+
+STALL_SECONDS = 1.0
+# How long past the stall period a drop may take to be seen (scheduling on 2 busy cores).
+STALL_SLACK = 10.0
+
+
+async def wait_for_slots(limiter: Any, active: int, within: float) -> float:
+    """Bounded poll until ``limiter`` holds ``active`` slots; the time it took."""
+    started = time.monotonic()
+    while limiter.active != active:
+        if time.monotonic() - started > within:
+            raise AssertionError(f"{limiter.active} stream(s) hold a slot, not {active}")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def request_and_never_read(
+    host: str, port: int, path: str, headers: dict[str, str]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A GET from a socket whose receive buffer is tiny and which then reads nothing."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{head}\r\n".encode())
+    await writer.drain()
+    return reader, writer
+
+
+async def read_until_closed(reader: asyncio.StreamReader) -> int:
+    """Reads what the server left before closing; how many bytes that was."""
+    received = 0
+    try:
+        while piece := await asyncio.wait_for(reader.read(1024 * 1024), timeout=STALL_SLACK):
+            received += len(piece)
+    except ConnectionResetError:
+        pass
+    return received
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+async def test_a_stream_the_client_stops_reading_is_dropped_and_its_slot_freed(
+    aiohttp_server: Any,
+    aiohttp_client: Any,
+    make_settings: Any,
+    request: pytest.FixtureRequest,
+    store: str,
+) -> None:
+    """Local blobs go out with sendfile, S3 blobs as reads written to the response: a
+    client that stops reading is dropped on either path."""
+    env = {"VOD_STREAM_MAX_PER_CLIENT": "1", "VOD_STREAM_STALL_SECONDS": str(STALL_SECONDS)}
+    if store == "s3":
+        s3_server = request.getfixturevalue("s3_server")
+        env["VOD_BLOB_URL"] = s3_server.url(f"stall-{os.urandom(4).hex()}")
+    stack = await start_stack(make_settings(**env), aiohttp_server, aiohttp_client)
+    # Far more than the stream service's socket buffer and the client's.
+    data = MP4_HEAD + os.urandom(16 * MIB)
+    _publisher, video = await publish(stack, data)
+    stream = stack.servers["stream"]
+    limiter = stream.app[LIMITER]
+    assert stream.host is not None
+    assert stream.port is not None
+    reader, writer = await request_and_never_read(
+        stream.host, stream.port, video["stream_url"], {"X-Internal-Token": INTERNAL_TOKEN}
+    )
+    try:
+        started = time.monotonic()
+        await wait_for_slots(limiter, 1, STALL_SLACK)
+        # The slot is held: the same client cannot open another stream...
+        refused = await stack.gateway.get(video["stream_url"])
+        await problem(refused, 429, "too_many_streams_per_client")
+        # ...until the stalled one is dropped, not before the stall period.
+        await wait_for_slots(limiter, 0, STALL_SECONDS + STALL_SLACK)
+        assert time.monotonic() - started >= STALL_SECONDS * 0.9
+        # The connection was reset: the client never gets the rest.
+        assert await read_until_closed(reader) < len(data)
+    finally:
+        writer.close()
+    again = await stack.gateway.get(video["stream_url"], headers={"Range": "bytes=0-1023"})
+    assert again.status == 206
+    assert await again.read() == data[:1024]
+
+
+async def test_the_gateway_drops_a_client_that_stops_reading_and_frees_the_upstream(
+    aiohttp_server: Any, aiohttp_client: Any, make_settings: Any
+) -> None:
+    """The stream service's own stall period is long here: what frees its slot is the
+    gateway dropping the client and closing the upstream connection the relay held."""
+    stack = await start_stack(
+        make_settings(VOD_STREAM_MAX_PER_CLIENT="1", VOD_STREAM_STALL_SECONDS="600"),
+        aiohttp_server,
+        aiohttp_client,
+    )
+    settings = dataclasses.replace(stack.settings, stream_stall_seconds=STALL_SECONDS)
+    app = create_gateway_app(settings)
+    gateway = await aiohttp_server(app, **server_options(app))
+    # More than every socket buffer between the stream service and the client.
+    data = MP4_HEAD + os.urandom(48 * MIB)
+    _publisher, video = await publish(stack, data)
+    limiter = stack.servers["stream"].app[LIMITER]
+    reader, writer = await request_and_never_read(
+        gateway.host, gateway.port, video["stream_url"], {}
+    )
+    try:
+        started = time.monotonic()
+        await wait_for_slots(limiter, 1, STALL_SLACK)
+        await wait_for_slots(limiter, 0, STALL_SECONDS + STALL_SLACK)
+        assert time.monotonic() - started >= STALL_SECONDS * 0.9
+        assert await read_until_closed(reader) < len(data)
+    finally:
+        writer.close()
+    again = await stack.gateway.get(video["stream_url"], headers={"Range": "bytes=0-1023"})
+    assert again.status == 206
+    assert await again.read() == data[:1024]
+
+
+async def test_a_slow_reader_that_keeps_reading_is_not_dropped(
+    aiohttp_server: Any, aiohttp_client: Any, make_settings: Any
+) -> None:
+    """Progress counts, not speed: a client taking bytes far slower than the socket could
+    send them, but steadily, gets the whole film under a short stall period."""
+    stall = 2.0
+    rate = 1.5 * MIB  # bytes/s: a waited piece (1 MiB) takes a third of the stall period
+    stack = await start_stack(
+        make_settings(VOD_STREAM_STALL_SECONDS=str(stall)), aiohttp_server, aiohttp_client
+    )
+    data = MP4_HEAD + os.urandom(8 * MIB)
+    _publisher, video = await publish(stack, data)
+    stream = stack.servers["stream"]
+    assert stream.host is not None
+    assert stream.port is not None
+    reader, writer = await request_and_never_read(
+        stream.host, stream.port, video["stream_url"], {"X-Internal-Token": INTERNAL_TOKEN}
+    )
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=STALL_SLACK)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        digest, received = hashlib.sha256(), 0
+        while received < len(data):
+            piece = await asyncio.wait_for(reader.read(64 * 1024), timeout=STALL_SLACK)
+            assert piece, f"dropped after {received} of {len(data)} bytes"
+            digest.update(piece)
+            received += len(piece)
+            await asyncio.sleep(len(piece) / rate)  # the client's pace, not a wait for the server
+        assert digest.digest() == hashlib.sha256(data).digest()
+    finally:
+        writer.close()

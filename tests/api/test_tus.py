@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import os
+import re
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -178,8 +179,8 @@ async def test_upload_in_odd_patches_publish_and_stream_it_back(
     )
     assert response.status == 201, await response.text()
     location = response.headers["Location"]
-    gateway = stack.servers["gateway"]
-    assert location.startswith(f"http://{gateway.host}:{gateway.port}/api/v1/tus/")
+    # Relative (no VOD_PUBLIC_URL here): the client resolves it against where it posted.
+    assert location.startswith("/api/v1/tus/")
     path = urlsplit(location).path
     upload_id = path.rsplit("/", 1)[1]
     assert response.headers["Upload-Offset"] == "0"
@@ -239,6 +240,32 @@ async def test_upload_in_odd_patches_publish_and_stream_it_back(
     streamed = await stack.gateway.get(video["stream_url"])
     assert streamed.status == 200
     assert await streamed.read() == data
+
+
+async def test_location_never_follows_the_clients_host(stack: Stack, alice: TusClient) -> None:
+    """Issue 19, point 14: the Location was built from the client's Host header."""
+    for extra in ({"Host": "evil.example"}, {"Host": "evil.example:443"}, {}):
+        response = await alice.create(1000, extra=extra)
+        assert response.status == 201, await response.text()
+        location = response.headers["Location"]
+        assert "evil" not in location
+        assert re.fullmatch(r"/api/v1/tus/[0-9A-Za-z]+", location), location
+        assert (await alice.head(location)).status == 200
+
+
+async def test_location_is_under_the_configured_public_url(
+    aiohttp_server: Any, aiohttp_client: Any, make_settings: Any
+) -> None:
+    stack = await start_stack(
+        make_settings(VOD_PUBLIC_URL="https://vod.example.com/prefix/"),
+        aiohttp_server,
+        aiohttp_client,
+    )
+    client = TusClient(stack, await stack.new_user())
+    response = await client.create(1000, extra={"Host": "evil.example"})
+    assert response.status == 201, await response.text()
+    location = response.headers["Location"]
+    assert re.fullmatch(r"https://vod\.example\.com/prefix/api/v1/tus/[0-9A-Za-z]+", location)
 
 
 async def test_creation_with_upload_takes_the_first_bytes(

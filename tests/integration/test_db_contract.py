@@ -15,6 +15,7 @@ import re
 import secrets
 import socket
 import threading
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -225,6 +226,36 @@ async def test_foreign_keys_are_enforced(migrated: Database) -> None:
     with pytest.raises(exc.IntegrityError):
         async with migrated.transaction() as conn:
             await conn.execute(refresh_tokens.insert().values(token))
+
+
+async def test_a_failed_statement_shows_none_of_its_bound_values(migrated: Database) -> None:
+    """An unexpected database error is logged with its traceback (shared.web): the values
+    bound to the statement (password hashes, refresh-token hashes) are not in it, whichever
+    driver raised it (the engines' hide_parameters)."""
+    password_hash = "$argon2id$" + secrets.token_hex(16)
+    token_hash = secrets.token_hex(32)
+    now = datetime.now(UTC)
+    async with migrated.transaction() as conn:
+        await conn.execute(users.insert().values(_user("alice")))
+    with pytest.raises(DuplicateKeyError) as duplicate:
+        async with migrated.transaction() as conn:
+            await conn.execute(
+                users.insert().values({**_user("alice"), "password_hash": password_hash})
+            )
+    token = {
+        "id": token_hash,
+        "family_id": new_id(),
+        "user_id": new_id(),  # no such user
+        "expires_at": now + timedelta(days=7),
+        "created_at": now,
+    }
+    with pytest.raises(exc.IntegrityError) as orphan:
+        async with migrated.transaction() as conn:
+            await conn.execute(refresh_tokens.insert().values(token))
+    for failure in (duplicate.value, orphan.value):
+        logged = "".join(traceback.format_exception(failure))  # the causes included
+        assert password_hash not in logged
+        assert token_hash not in logged
 
 
 async def test_utc_datetime_round_trips_with_microseconds(migrated: Database) -> None:

@@ -368,6 +368,7 @@ def test_config_map_shutdown_and_slow_client_values_are_settings() -> None:
     assert settings.client_header_timeout == float(config["VOD_CLIENT_HEADER_TIMEOUT"])
     assert settings.client_body_timeout == float(config["VOD_CLIENT_BODY_TIMEOUT"])
     assert settings.client_min_body_rate == int(config["VOD_CLIENT_MIN_BODY_RATE"])
+    assert settings.stream_stall_seconds == float(config["VOD_STREAM_STALL_SECONDS"])
 
 
 def test_config_map_account_limits_are_settings_and_hashes_fit_the_api_pod() -> None:

@@ -88,3 +88,26 @@ def test_conditional_gets_answer_304() -> None:
     assert ask(if_modified_since=earlier).outcome is Outcome.FULL
     # If-None-Match wins over If-Modified-Since (RFC 9110 §13.2.2).
     assert ask(if_none_match='"other"', if_modified_since=HTTP_MODIFIED).outcome is Outcome.FULL
+
+
+@pytest.mark.parametrize(
+    "since",
+    [
+        "Mon, 01 Jan 2024 00:00:00",  # no zone
+        "Mon, 01 Jan 2024 00:00:00 -0000",  # "zone unknown"
+        "Sun, 01 Nov 2099 12:00:00",  # after Last-Modified, but still no zone
+        "Sun, 01 Nov 2099 12:00:00 -0000",
+    ],
+)
+def test_an_if_modified_since_that_is_no_http_date_is_ignored(since: str) -> None:
+    """Not a valid HTTP-date, so ignored (RFC 9110 §13.1.3): the whole file, never a 304,
+    and never the TypeError of comparing a date without a zone (a 500)."""
+    assert ask(if_modified_since=since) == Decision(Outcome.FULL, 0, SIZE)
+    assert ask("bytes=0-9", if_range=since).outcome is Outcome.FULL
+
+
+def test_an_asctime_date_is_an_http_date_in_utc() -> None:
+    """asctime's form names no zone but is UTC by definition (RFC 9110 §5.6.7)."""
+    assert ask(if_modified_since="Sun Nov  1 12:00:00 2026").outcome is Outcome.NOT_MODIFIED
+    assert ask(if_modified_since="Sun Nov  1 11:59:59 2026").outcome is Outcome.FULL
+    assert ask("bytes=0-9", if_range="Sun Nov  1 12:00:00 2026").outcome is Outcome.PARTIAL

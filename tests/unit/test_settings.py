@@ -27,6 +27,14 @@ def test_services_mode_reads_every_variable() -> None:
     assert settings.max_upload_bytes == 1048576
     assert settings.upstream_urls("api") == ("http://api-a:8001", "http://api-b:8001")
     assert settings.namespace == "vod"
+    assert settings.stream_stall_seconds == 30.0
+    assert settings.public_url is None
+    public = {"VOD_PUBLIC_URL": "https://vod.example.com:8443/vod/"}
+    assert Settings.from_env(SERVICES_ENV | public).public_url == "https://vod.example.com:8443/vod"
+    assert (
+        Settings.from_env(SERVICES_ENV | {"VOD_STREAM_STALL_SECONDS": "1.5"}).stream_stall_seconds
+        == 1.5
+    )
 
 
 def test_settings_are_frozen() -> None:
@@ -68,6 +76,12 @@ def test_missing_variable_is_named(missing: str) -> None:
         ("VOD_SIGNUP_RATE", "20"),
         ("VOD_SIGNUP_RATE", "0/3600"),
         ("VOD_PASSWORD_HASH_CONCURRENCY", "0"),
+        ("VOD_STREAM_STALL_SECONDS", "0"),
+        ("VOD_STREAM_STALL_SECONDS", "nan"),
+        ("VOD_PUBLIC_URL", "vod.example.com"),
+        ("VOD_PUBLIC_URL", "ftp://vod.example.com"),
+        ("VOD_PUBLIC_URL", "https://vod.example.com/?next=x"),
+        ("VOD_PUBLIC_URL", "https://user:pw@vod.example.com"),
     ],
 )
 def test_malformed_variable_is_named(variable: str, value: str) -> None:
