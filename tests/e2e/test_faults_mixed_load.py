@@ -347,7 +347,7 @@ async def test_outages_under_load_lose_nothing_and_answer_quickly(  # noqa: PLR0
             await wait_until("every service ready again", ready, RECOVERY_SECONDS)
 
         async def not_ready(module: str, check: str) -> None:
-            async with session.get(suite.url(module) + "/readyz") as response:
+            async with session.get(suite.operators_url(module) + "/readyz") as response:
                 report = await response.json()
             assert response.status == 503, report
             assert report["checks"][check] != "ok", report

@@ -23,6 +23,7 @@ async def test_standalone_serves_all_four_and_stops_cleanly(tmp_path: Path) -> N
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PYTHONPATH": str(ROOT),
         "VOD_GATEWAY_PORT": str(ports["gateway"]),
+        "VOD_METRICS_PORT": str(free_port()),
         "VOD_API_PORT": str(ports["api"]),
         "VOD_STREAM_PORT": str(ports["stream"]),
         "VOD_SCHEDULER_PORT": str(ports["scheduler"]),
