@@ -140,6 +140,7 @@ async def start_servers(work: Path, token: str) -> tuple[dict[str, Server], dict
         "VOD_HOST": "127.0.0.1",
         "VOD_API_PORT": str(ports["api"]),
         "VOD_GATEWAY_PORT": str(ports["gateway"]),
+        "VOD_METRICS_PORT": str(free_port()),
         "VOD_API_URL": f"http://127.0.0.1:{ports['api']}",
         "VOD_STREAM_URL": "http://127.0.0.1:1",
         "VOD_SCHEDULER_URL": "http://127.0.0.1:1",

@@ -244,6 +244,7 @@ async def start_services(work: Path, token: str) -> tuple[dict[str, Server], str
         "VOD_HOST": "127.0.0.1",
         "VOD_STREAM_PORT": str(stream_port),
         "VOD_GATEWAY_PORT": str(gateway_port),
+        "VOD_METRICS_PORT": str(free_port()),
         "VOD_API_URL": "http://127.0.0.1:1",
         "VOD_STREAM_URL": f"http://127.0.0.1:{stream_port}",
         "VOD_SCHEDULER_URL": "http://127.0.0.1:1",

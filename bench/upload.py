@@ -296,6 +296,7 @@ async def measure(work: Path) -> dict[str, Any]:
         "VOD_SCHEDULER_URL": f"http://127.0.0.1:{stream_port}",
         "VOD_STREAM_PORT": str(stream_port),
         "VOD_GATEWAY_PORT": str(gateway_port),
+        "VOD_METRICS_PORT": str(free_port()),
         "VOD_JWT_PUBLIC_KEY": signer.public_key_pem(),
         "VOD_VAR_DIR": str(work / "var"),
         "VOD_LOG_LEVEL": "WARNING",

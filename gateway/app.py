@@ -13,7 +13,9 @@ Upstream replicas (``gateway.proxy.upstreams``): a replica whose connection fail
 whose ``/healthz`` fails in the periodic check (every ``HealthPolicy.check_interval``
 seconds, a background task of the upstream client's cleanup context), sits out a
 cool-down; idempotent requests move to another replica when a connection breaks
-(``gateway.proxy.client``). Counts and replica state are on ``/metrics``.
+(``gateway.proxy.client``). Counts and replica state are on ``/metrics`` of the
+operators' listener (``VOD_METRICS_HOST``:``VOD_METRICS_PORT``), with the detailed
+``/readyz``: the public port says only ready or not (docs/security.md).
 
 Run it with ``handler_cancellation=True`` (``__main__`` does): the gateway faces clients
 directly, and a client that hangs up must not leave its upstream request running.
@@ -72,6 +74,7 @@ def create_app(settings: Settings, *, health: HealthPolicy | None = None) -> web
         settings,
         require_internal_token=False,
         client_max_size=settings.max_json_bytes,
+        public=True,
     )
     # aiohttp arms its keep-alive timer when a connection opens and again after each
     # response, and closes the connection if no complete request head has arrived when it

@@ -39,7 +39,7 @@ from aiohttp import web
 from shared.errors import ConfigError
 from shared.logging import configure_logging
 from shared.settings import Settings
-from shared.web import LIFECYCLE, Lifecycle, server_options
+from shared.web import LIFECYCLE, OPERATOR_APP, Lifecycle, server_options
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +94,14 @@ def run_service(
 @dataclass(frozen=True, slots=True)
 class Served:
     """One app of a process and where it listens. ``handler_cancellation``: a client that
-    hangs up cancels its handler (the gateway, which faces clients, wants that)."""
+    hangs up cancels its handler (the gateway, which faces clients, wants that). ``host``:
+    None for ``settings.host``."""
 
     name: str
     app: web.Application
     port: int
     handler_cancellation: bool = False
+    host: str | None = None
 
 
 async def serve(
@@ -116,12 +118,14 @@ async def serve_all(
     by all of them together, the last started first) until a stop signal.
 
     ``on_ready`` runs once every app listens. Several apps in one process are what
-    ``python -m standalone`` runs: they share one shutdown, as one process does.
+    ``python -m standalone`` runs: they share one shutdown, as one process does. A public
+    app's operators' app (``OPERATOR_APP``) is served right after it, on the operators'
+    listener.
     """
     runners: list[tuple[_Runner, Lifecycle]] = []
     sites: list[web.TCPSite] = []
     try:
-        for item in served:
+        for item in with_operator_apps(served, settings):
             runner = _Runner(
                 item.app,
                 access_log=None,  # service_middleware logs every request as JSON
@@ -131,10 +135,11 @@ async def serve_all(
             )
             await runner.setup()
             runners.insert(0, (runner, item.app[LIFECYCLE]))
-            site = web.TCPSite(runner, settings.host, item.port)
+            host = item.host or settings.host
+            site = web.TCPSite(runner, host, item.port)
             await site.start()
             sites.insert(0, site)
-            logger.info("%s listening on %s:%d", item.name, settings.host, item.port)
+            logger.info("%s listening on %s:%d", item.name, host, item.port)
         if on_ready is not None:
             on_ready()
         signals = _StopSignals()
@@ -153,22 +158,26 @@ async def serve_all(
                 await asyncio.wait_for(signals.second.wait(), settings.shutdown_drain_seconds)
         for site in sites:
             await site.stop()
-        # A request whose head arrived just before the door closed is queued on its
-        # connection until the connection's task runs: let it reach the middleware (and
-        # count as in flight) before idle connections are closed (aiohttp's own cleanup
-        # yields here for the same reason).
+        # One turn of the loop: bytes a client sent before the door closed are read, so its
+        # request shows on its connection before idle ones are closed (aiohttp's own
+        # cleanup yields here for the same reason).
         await asyncio.sleep(0)
-        for runner, lifecycle in runners:
-            _close_idle_connections(runner, lifecycle)
+        working: list[asyncio.Task[None]] = []
+        for runner, _ in runners:
+            working += _close_idle_connections(runner)
         for runner, _ in runners:
             await runner.shutdown()
         # Not runner.cleanup() yet: it stops reading every connection at once
         # (aio-libs/aiohttp#2298), and a request whose body is still arriving would hang
-        # until cancelled. Here their connections are still read.
+        # until cancelled. Here their connections are still read. The connections' own
+        # tasks are waited for as well as the counted requests: a request aiohttp has
+        # taken off its connection whose handler has not run yet is not counted.
         try:
             async with asyncio.timeout(settings.shutdown_timeout):
                 for _, lifecycle in runners:
                     await lifecycle.wait_idle()
+                if working:
+                    await asyncio.wait(working)
         except TimeoutError:
             logger.warning(
                 "%d request(s) still in flight after %.1f s: cancelling them",
@@ -181,21 +190,53 @@ async def serve_all(
     logger.info("stopped")
 
 
-def _close_idle_connections(runner: web.AppRunner, lifecycle: Lifecycle) -> None:
-    """Closes the keep-alive connections no request is on: nothing new may arrive on them.
+def with_operator_apps(served: Sequence[Served], settings: Settings) -> list[Served]:
+    """``served``, each public app followed by its operators' app on
+    ``settings.metrics_host``:``settings.metrics_port`` (after it: its readiness checks
+    use what the public app's cleanup contexts make, and it closes first)."""
+    result: list[Served] = []
+    for item in served:
+        result.append(item)
+        if OPERATOR_APP in item.app:
+            result.append(
+                Served(
+                    f"{item.name} operators",
+                    item.app[OPERATOR_APP],
+                    settings.metrics_port,
+                    host=settings.metrics_host,
+                )
+            )
+    return result
 
-    Only those: ``close()`` also stops reading a connection, which would strand a request
-    whose body is still arriving.
+
+def _close_idle_connections(runner: web.AppRunner) -> list[asyncio.Task[None]]:
+    """Closes the keep-alive connections waiting for their next request (nothing may
+    arrive on them now), and returns the tasks of the others, which have a request to
+    finish (they close after its response: every response closes while draining).
+
+    Idle means aiohttp's connection task waits for a request head: its ``_waiter`` is
+    pending and no parsed request is queued (pinned aiohttp 3.14). Anything else is a
+    request on its way: queued, taken off the queue with its handler not yet run (not
+    counted by the middleware yet), being handled, or its response being written.
+    ``close()`` on such a connection stops reading it, and its body would never arrive:
+    seen in CI under load, a chunk PUT whose connection was closed at SIGTERM waited out
+    the 30 s body timeout, and the gateway was killed. An idle one is closed at once,
+    transport too: ``close()`` alone would leave the socket open and drop the client's
+    next request unanswered until the process exits.
     """
+    working: list[asyncio.Task[None]] = []
     if runner.server is None:
-        return
-    for connection in runner.server.connections:
-        # _messages: requests aiohttp has parsed and not yet handed to the app (pinned
-        # aiohttp 3.14); closing their connection would strand their bodies. Seen once in
-        # CI: a chunk PUT arriving at SIGTERM hung 30 s, and the gateway was killed.
+        return working
+    for connection in list(runner.server.connections):
+        waiter = getattr(connection, "_waiter", None)
         queued = getattr(connection, "_messages", None)
-        if connection not in lifecycle.busy_connections and not queued:
-            connection.close()
+        if waiter is not None and not waiter.done() and not queued:
+            connection.force_close()
+            continue
+        task = getattr(connection, "_task_handler", None)
+        if task is not None and not task.done():
+            working.append(task)
+    return working
 
 
 class _Runner(web.AppRunner):

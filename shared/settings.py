@@ -65,6 +65,10 @@ class Settings:
     api_port: int = 8001
     stream_port: int = 8002
     scheduler_port: int = 8003
+    # The gateway's operators' listener (/metrics and the detailed /readyz, docs/security.md):
+    # a second socket, never the public one; 127.0.0.1 unless told (the pod IP in Kubernetes).
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 8090
     db_migrate: bool = False
     # A MySQL read replica for reads that may lag (lists, search); None = all on the primary.
     db_read_url: str | None = field(default=None, repr=False)
@@ -166,6 +170,8 @@ class Settings:
             api_port=reader.parse("VOD_API_PORT", "8001", _port),
             stream_port=reader.parse("VOD_STREAM_PORT", "8002", _port),
             scheduler_port=reader.parse("VOD_SCHEDULER_PORT", "8003", _port),
+            metrics_host=source.get("VOD_METRICS_HOST", "127.0.0.1"),
+            metrics_port=reader.parse("VOD_METRICS_PORT", "8090", _port),
             db_migrate=reader.parse("VOD_DB_MIGRATE", "0", _bool),
             db_read_url=_read_replica_url(reader, source),
             db_read_your_writes_seconds=reader.parse(

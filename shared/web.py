@@ -229,25 +229,22 @@ async def _stamp_request_id(request: web.Request, response: web.StreamResponse) 
 
 
 class Lifecycle:
-    """Whether the process is draining (SIGTERM received, on its way out), how many HTTP
-    requests it is handling, which its shutdown waits for, and the connections they (and
-    WebSockets) are on, which it must not close as idle (shared.runner)."""
+    """Whether the process is draining (SIGTERM received, on its way out) and how many
+    HTTP requests it is handling, which its shutdown waits for (shared.runner; which
+    connections are idle it learns from aiohttp's own state)."""
 
     def __init__(self) -> None:
         self.draining = False
         self.requests = 0
-        self.busy_connections: set[web.RequestHandler] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def request_started(self, connection: web.RequestHandler, *, counted: bool) -> None:
-        self.busy_connections.add(connection)
+    def request_started(self, *, counted: bool) -> None:
         if counted:
             self.requests += 1
             self._idle.clear()
 
-    def request_finished(self, connection: web.RequestHandler, *, counted: bool) -> None:
-        self.busy_connections.discard(connection)
+    def request_finished(self, *, counted: bool) -> None:
         if counted:
             self.requests -= 1
             if self.requests == 0:
@@ -259,6 +256,9 @@ class Lifecycle:
 
 
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+# A public app's operators' listener (``create_base_app(public=True)``): served by every
+# launcher on ``settings.metrics_host``:``metrics_port``, never on the public port.
+OPERATOR_APP = web.AppKey("operator_app", web.Application)
 
 
 _HTTP_CODES = {
@@ -279,11 +279,10 @@ def service_middleware(internal_token: str | None) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         app = request.app
         lifecycle = app[LIFECYCLE]
-        connection = request.protocol
         # WebSockets are not counted: they end only when closed, which each app's
         # on_shutdown does once the door is closed.
         counted = request.headers.get("Upgrade", "").lower() != "websocket"
-        lifecycle.request_started(connection, counted=counted)
+        lifecycle.request_started(counted=counted)
         incoming = request.headers.get(REQUEST_ID_HEADER)
         if incoming is not None and _REQUEST_ID_RE.match(incoming):
             request_id = incoming
@@ -311,7 +310,7 @@ def service_middleware(internal_token: str | None) -> Middleware:
         finally:
             _observe(request, metrics, status, time.perf_counter() - started)
             request_id_var.reset(context)
-            lifecycle.request_finished(connection, counted=counted)
+            lifecycle.request_finished(counted=counted)
         if lifecycle.draining:
             # While draining, every response closes its connection, so a keep-alive
             # client (the gateway's pool) opens a new one, which lands on another
@@ -409,19 +408,36 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: every back end this service needs answers within a short deadline."""
+    """Readiness in detail: every back end this service needs answers within a short
+    deadline, each one's result in ``checks``. Served where clients cannot ask: an
+    upstream's internal port, or a public app's operators' listener."""
     if request.app[LIFECYCLE].draining:
         return _draining_response()
-    checks = request.app[READINESS_CHECKS]
-    results = await asyncio.gather(
-        *(_run_check(check) for check in checks.values()), return_exceptions=False
-    )
-    report = dict(zip(checks.keys(), results, strict=True))
+    report = await _readiness_report(request.app[READINESS_CHECKS])
     ready = all(value == "ok" for value in report.values())
     return json_response(
         {"status": "ready" if ready else "unavailable", "checks": report},
         status=200 if ready else 503,
     )
+
+
+async def public_readyz(request: web.Request) -> web.Response:
+    """Readiness for anyone who can reach the public port: ready or not, nothing more.
+
+    Which back end is down, and how it failed, is a map of the inside for an attacker
+    (docs/security.md); operators read it on their own listener's ``/readyz``.
+    """
+    ready = not request.app[LIFECYCLE].draining and all(
+        value == "ok" for value in (await _readiness_report(request.app[READINESS_CHECKS])).values()
+    )
+    if ready:
+        return json_response({"status": "ready"})
+    return json_response({"status": "not ready"}, status=503)
+
+
+async def _readiness_report(checks: dict[str, ReadinessCheck]) -> dict[str, str]:
+    results = await asyncio.gather(*(_run_check(check) for check in checks.values()))
+    return dict(zip(checks.keys(), results, strict=True))
 
 
 READINESS_TIMEOUT = 2.0
@@ -451,11 +467,17 @@ def create_base_app(
     *,
     require_internal_token: bool = True,
     client_max_size: int | None = None,
+    public: bool = False,
 ) -> web.Application:
     """An application with vod's middlewares, ``/healthz``, ``/readyz`` and ``/metrics``.
 
     Each service's ``create_app`` starts here, adds its routes, its ``cleanup_ctx`` and
     its readiness checks (``app[READINESS_CHECKS]["db"] = ...``).
+
+    ``public``: the app faces clients (the gateway). Its own port then answers only
+    ``/healthz`` and a ``/readyz`` that says ready or not; ``/metrics`` and the detailed
+    ``/readyz`` are on ``app[OPERATOR_APP]``, which the launcher serves on the operators'
+    listener (``VOD_METRICS_HOST``:``VOD_METRICS_PORT``).
     """
     token = settings.internal_token if require_internal_token else None
     app = web.Application(
@@ -469,9 +491,32 @@ def create_base_app(
     app[LIFECYCLE] = Lifecycle()
     app.on_response_prepare.append(_stamp_request_id)
     app.router.add_get("/healthz", healthz, name="healthz")
+    if public:
+        app.router.add_get("/readyz", public_readyz, name="readyz")
+        app[OPERATOR_APP] = _create_operator_app(app)
+    else:
+        _add_operator_routes(app)
+    return app
+
+
+def _create_operator_app(public_app: web.Application) -> web.Application:
+    """The operators' side of ``public_app``: the same metrics registry and readiness
+    checks (the very dict, so checks added later count), a lifecycle of its own."""
+    app = web.Application(middlewares=[service_middleware(None)])
+    app[SETTINGS] = public_app[SETTINGS]
+    app[SERVICE_NAME] = public_app[SERVICE_NAME]
+    app[METRICS] = public_app[METRICS]
+    app[READINESS_CHECKS] = public_app[READINESS_CHECKS]
+    app[LIFECYCLE] = Lifecycle()
+    app.on_response_prepare.append(_stamp_request_id)
+    app.router.add_get("/healthz", healthz, name="healthz")
+    _add_operator_routes(app)
+    return app
+
+
+def _add_operator_routes(app: web.Application) -> None:
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/metrics", metrics_handler, name="metrics")
-    return app
 
 
 async def read_json(request: web.Request) -> Any:

@@ -54,7 +54,8 @@ def _served(settings: Settings) -> list[Served]:
 
 def _print_url(settings: Settings) -> None:
     print(  # noqa: T201 - the one line a person running `make run` is waiting for
-        f"vod is running: http://{settings.host}:{settings.gateway_port}/  (Ctrl-C to stop)",
+        f"vod is running: http://{settings.host}:{settings.gateway_port}/  (Ctrl-C to stop)\n"
+        f"operators: http://{settings.metrics_host}:{settings.metrics_port}/metrics and /readyz",
         flush=True,
     )
 

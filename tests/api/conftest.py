@@ -15,7 +15,7 @@ from multidict import CIMultiDictProxy
 from gateway.app import create_app
 from gateway.proxy.upstreams import HealthPolicy
 from shared.settings import Settings
-from shared.web import json_response
+from shared.web import OPERATOR_APP, json_response
 
 GatewayClient = TestClient[web.Request, web.Application]
 
@@ -124,6 +124,21 @@ def gateway(
         app = create_app(settings, health=health)
         # aiohttp's TestServer runs with handler_cancellation=True, as __main__ does.
         client: GatewayClient = await aiohttp_client(app, **(client_kwargs or {}))
+        return client
+
+    return build
+
+
+OperatorsFactory = Callable[[GatewayClient], Awaitable[GatewayClient]]
+
+
+@pytest.fixture
+def operators(aiohttp_client: Any) -> OperatorsFactory:
+    """A client of a started gateway's operators' listener (``/metrics``, the detailed
+    ``/readyz``), on a server of its own as ``shared.runner`` serves it."""
+
+    async def build(gateway_client: GatewayClient) -> GatewayClient:
+        client: GatewayClient = await aiohttp_client(gateway_client.app[OPERATOR_APP])
         return client
 
     return build

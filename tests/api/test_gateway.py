@@ -20,7 +20,7 @@ from multidict import CIMultiDictProxy
 from gateway.proxy.client import upstream_error
 from shared.auth import TokenSigner
 from shared.web import json_response
-from tests.api.conftest import FakeUpstream, GatewayFactory, Upstreams
+from tests.api.conftest import FakeUpstream, GatewayFactory, OperatorsFactory, Upstreams
 from tests.conftest import JWT_PRIVATE_KEY
 from tests.problems import problem
 
@@ -735,9 +735,14 @@ async def test_openapi_document_is_served(gateway: GatewayFactory) -> None:
     assert "Problem" in document["components"]["schemas"]
 
 
-async def test_ready_when_every_service_has_a_healthy_replica(gateway: GatewayFactory) -> None:
+async def test_ready_when_every_service_has_a_healthy_replica(
+    gateway: GatewayFactory, operators: OperatorsFactory
+) -> None:
     client = await gateway()
-    response = await client.get("/readyz")
+    public = await client.get("/readyz")
+    assert public.status == 200
+    assert await public.json() == {"status": "ready"}
+    response = await (await operators(client)).get("/readyz")
     assert response.status == 200
     assert (await response.json())["checks"] == {
         "redis": "ok",  # the revocation list
@@ -748,14 +753,38 @@ async def test_ready_when_every_service_has_a_healthy_replica(gateway: GatewayFa
 
 
 async def test_not_ready_when_a_service_has_no_healthy_replica(
-    gateway: GatewayFactory, refusing_url: str
+    gateway: GatewayFactory, operators: OperatorsFactory, refusing_url: str
 ) -> None:
     client = await gateway(VOD_SCHEDULER_URL=refusing_url)
-    response = await client.get("/readyz")
+    response = await (await operators(client)).get("/readyz")
     assert response.status == 503
     checks = (await response.json())["checks"]
     assert checks["upstream_api"] == "ok"
     assert checks["upstream_scheduler"] == "error: NoHealthyReplicaError"
+
+
+async def test_public_readyz_says_only_not_ready(
+    gateway: GatewayFactory, refusing_url: str
+) -> None:
+    # Which upstream is down, and how it failed, is for operators only.
+    client = await gateway(VOD_SCHEDULER_URL=refusing_url)
+    response = await client.get("/readyz")
+    assert response.status == 503
+    assert await response.json() == {"status": "not ready"}
+
+
+async def test_public_port_serves_no_metrics_the_operators_listener_does(
+    gateway: GatewayFactory, operators: OperatorsFactory
+) -> None:
+    client = await gateway()
+    assert (await client.get("/api/v1/videos")).status == 200
+    await problem(await client.get("/metrics"), 404, "route_not_found")
+    response = await (await operators(client)).get("/metrics")
+    assert response.status == 200
+    text = await response.text()
+    # The public app's own series: the operators' listener shares its registry.
+    assert 'route="/api/v1/videos",service="gateway",status="200"' in text
+    assert "vod_gateway_upstream_replica_up" in text
 
 
 async def test_gateway_needs_no_internal_token(gateway: GatewayFactory) -> None:

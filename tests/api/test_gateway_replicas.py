@@ -10,11 +10,12 @@ import asyncio
 
 import pytest
 from aiohttp import web
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.keys import UPSTREAM_CLIENT
 from gateway.proxy.upstreams import HealthPolicy
-from shared.web import json_response
+from shared.web import METRICS, json_response
 from tests.api.conftest import FakeUpstream, GatewayClient, GatewayFactory, Upstreams
 
 COOLDOWN = 30.0
@@ -42,8 +43,9 @@ def health(clock: FakeClock) -> HealthPolicy:
 
 
 async def metric(client: GatewayClient, sample: str, **labels: str) -> float:
-    """The value of one sample on the gateway's /metrics (0 when absent)."""
-    text = await (await client.get("/metrics")).text()
+    """The value of one sample on the gateway's /metrics (0 when absent): its registry,
+    which the operators' listener serves (tests/api/test_gateway.py)."""
+    text = generate_latest(client.app[METRICS].registry).decode()
     for family in text_string_to_metric_families(text):
         for found in family.samples:
             if found.name == sample and all(found.labels.get(k) == v for k, v in labels.items()):
@@ -227,8 +229,9 @@ async def test_health_checks_run_from_the_start(
     async with asyncio.timeout(5):  # a bound on a hang, not a wait for time to pass
         await upstreams.scheduler.probed.wait()
         # The probe was answered; its result is recorded as soon as the gateway reads it.
-        while not await metric(client, "vod_gateway_upstream_health_checks_total", result="failed"):
-            pass
+        # No event marks the recording: yield (never sleep) until the check task has run.
+        while not await metric(client, "vod_gateway_upstream_health_checks_total", result="failed"):  # noqa: ASYNC110
+            await asyncio.sleep(0)
     assert (
         await metric(client, "vod_gateway_upstream_replica_up", service="scheduler", replica="0")
         == 0

@@ -164,6 +164,13 @@ class ServiceSuite:
     def url(self, module: str) -> str:
         return f"http://127.0.0.1:{self.env[SERVICE_PORTS[module]]}"
 
+    def operators_url(self, module: str) -> str:
+        """Where ``module``'s ``/metrics`` and detailed ``/readyz`` are: the gateway's on
+        its operators' listener, an upstream's on its own (internal) port."""
+        if module == "gateway":
+            return f"http://127.0.0.1:{self.env['VOD_METRICS_PORT']}"
+        return self.url(module)
+
     async def start(self, module: str) -> ServiceProcess:
         """Start ``module`` (a fresh log file per start) and wait until it is ready."""
         self.starts[module] = self.starts.get(module, 0) + 1
@@ -216,5 +223,6 @@ def services_env(backends: Mapping[str, str], blob_dir: Path, **extra: str) -> d
         "VOD_ARGON2_TIME_COST": "1",
         "VOD_ARGON2_MEMORY_KIB": "1024",
         **{variable: str(ports[module]) for module, variable in SERVICE_PORTS.items()},
+        "VOD_METRICS_PORT": str(free_port()),
         **extra,
     }

@@ -169,6 +169,7 @@ async def gateway(
         {
             "VOD_HOST": "127.0.0.1",
             "VOD_GATEWAY_PORT": str(port),
+            "VOD_METRICS_PORT": str(free_port()),
             "VOD_INTERNAL_TOKEN": "e2e-internal-token-" + os.urandom(8).hex(),
             "VOD_API_URL": upstream_url,
             "VOD_STREAM_URL": upstream_url,

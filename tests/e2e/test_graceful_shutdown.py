@@ -81,6 +81,7 @@ class Cluster:
     stream: list[ServiceProcess]
     film: bytes
     stream_url: str  # the film's, through the gateway
+    gateway_operators: str  # the gateway's operators' listener: /metrics, detailed /readyz
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -131,15 +132,16 @@ async def cluster(
         gateway = start("gateway", env, log_dir, name="gateway")
         processes.append(gateway)
         await wait_healthy(gateway, f"http://127.0.0.1:{env['VOD_GATEWAY_PORT']}")
+        operators = f"http://127.0.0.1:{env['VOD_METRICS_PORT']}"
         film = os.urandom(FILM_BYTES)
         async with aiohttp.ClientSession() as session:
 
             async def all_in_service() -> bool:
                 api_up = await scrape(
-                    session, gateway.url, "vod_gateway_upstream_replica_up", service="api"
+                    session, operators, "vod_gateway_upstream_replica_up", service="api"
                 )
                 stream_up = await scrape(
-                    session, gateway.url, "vod_gateway_upstream_replica_up", service="stream"
+                    session, operators, "vod_gateway_upstream_replica_up", service="stream"
                 )
                 return (api_up, stream_up) == (1, len(stream))
 
@@ -150,7 +152,14 @@ async def cluster(
                 poll=POLL_SECONDS,
             )
             stream_url = await publish(session, gateway.url, film)
-        yield Cluster(gateway=gateway, api=api, stream=stream, film=film, stream_url=stream_url)
+        yield Cluster(
+            gateway=gateway,
+            api=api,
+            stream=stream,
+            film=film,
+            stream_url=stream_url,
+            gateway_operators=operators,
+        )
     finally:
         codes = stop_together(processes, DRAIN_SECONDS + SHUTDOWN_TIMEOUT + CLEANUP_SECONDS)
     assert codes == dict.fromkeys(codes, 0), {
@@ -180,14 +189,15 @@ async def refuses_connections(process: ServiceProcess) -> bool:
     return False
 
 
-async def draining_then_closed(process: ServiceProcess) -> None:
+async def draining_then_closed(process: ServiceProcess, operators: str | None = None) -> None:
     """After SIGTERM: 503 ``draining`` on ``/readyz`` while it still answers, then its
-    door closes while it is still running (a request in flight holds it)."""
+    door closes while it is still running (a request in flight holds it). ``operators``:
+    where its detailed ``/readyz`` is, if not on its own port (the gateway's)."""
     seen: tuple[int, object, str] = (0, None, "")
 
     async def draining() -> bool:
         nonlocal seen
-        seen = await readyz(process.url)
+        seen = await readyz(operators or process.url)
         return seen[1] == {"status": "draining"}
 
     # SIGTERM is handled by the event loop: a request racing it may still see "ready".
@@ -378,7 +388,7 @@ async def test_the_gateway_finishes_a_download_in_flight_after_sigterm(
         await serving_replica(session, cluster.stream)
 
         signalled = sigterm(cluster.gateway)
-        await draining_then_closed(cluster.gateway)
+        await draining_then_closed(cluster.gateway, cluster.gateway_operators)
         rest, cut = await read_until_cut(download)
     assert not cut, "the gateway cut a download it had the grace to finish"
     assert sha256(first + rest) == sha256(cluster.film)

@@ -90,7 +90,7 @@ async def cluster(
     tmp_path: Path, real_backends_env: dict[str, str], s3_server: S3Server
 ) -> AsyncIterator[Cluster]:
     api_ports, stream_ports = [free_port(), free_port()], [free_port(), free_port()]
-    scheduler_port, gateway_port = free_port(), free_port()
+    scheduler_port, gateway_port, metrics_port = free_port(), free_port(), free_port()
     s3_prefix = f"scale-{secrets.token_hex(4)}"
 
     def urls(ports: list[int]) -> str:
@@ -108,6 +108,7 @@ async def cluster(
         "VOD_SCHEDULER_URL": urls([scheduler_port]),
         "VOD_SCHEDULER_PORT": str(scheduler_port),
         "VOD_GATEWAY_PORT": str(gateway_port),
+        "VOD_METRICS_PORT": str(metrics_port),
         "VOD_ARGON2_TIME_COST": "1",
         "VOD_ARGON2_MEMORY_KIB": "1024",
         "VOD_SHUTDOWN_TIMEOUT": "5",
@@ -146,7 +147,7 @@ async def cluster(
 
             async def all_in_service() -> bool:
                 up = await scrape(
-                    session, f"http://127.0.0.1:{gateway_port}", "vod_gateway_upstream_replica_up"
+                    session, f"http://127.0.0.1:{metrics_port}", "vod_gateway_upstream_replica_up"
                 )
                 return up == replica_count
 

@@ -52,7 +52,10 @@ async def test_four_processes_serve_a_signed_in_journey(suite: ServiceSuite) -> 
             assert response.status == 204
         async with session.get(f"{gateway}/api/v1/users/me", headers=auth) as response:
             assert response.status == 401
-        async with session.get(f"{suite.url('gateway')}/metrics") as response:
+        # The public port has no /metrics: it is on the operators' listener.
+        async with session.get(f"{gateway}/metrics") as response:
+            assert response.status == 404
+        async with session.get(f"{suite.operators_url('gateway')}/metrics") as response:
             metrics = await response.text()
         # Counted under the route family's template, with the statuses clients saw.
         counted = [

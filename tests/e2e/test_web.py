@@ -104,6 +104,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PYTHONPATH": str(ROOT),
         "VOD_GATEWAY_PORT": str(ports["gateway"]),
+        "VOD_METRICS_PORT": str(free_port()),
         "VOD_API_PORT": str(ports["api"]),
         "VOD_STREAM_PORT": str(ports["stream"]),
         "VOD_SCHEDULER_PORT": str(ports["scheduler"]),

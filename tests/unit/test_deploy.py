@@ -17,6 +17,7 @@ No Docker engine and no cluster are needed; nothing here talks to the network.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import math
@@ -57,6 +58,8 @@ SECRET_TEMPLATE = K8S / "secret.example.yaml"
 
 # The design's services: name (compose service, image target, Deployment) -> port, module.
 PORTS = {"gateway": 8000, "api": 8001, "stream": 8002, "scheduler": 8003}
+# The gateway's operators' listener (/metrics, the detailed /readyz): VOD_METRICS_PORT.
+METRICS_PORT = 8090
 MODULES = {
     "gateway": "gateway",
     "api": "api_service",
@@ -300,7 +303,9 @@ def test_a_deployment_and_a_service_per_service_on_the_design_ports() -> None:
     for name, port in PORTS.items():
         container = _container(deployments[name])
         assert container["image"].startswith(f"vod-{name}:")
-        assert container["ports"] == [{"name": "http", "containerPort": port}]
+        # The gateway's operators' listener is a second container port, never the Service's.
+        extra = [{"name": "metrics", "containerPort": METRICS_PORT}] if name == "gateway" else []
+        assert container["ports"] == [{"name": "http", "containerPort": port}, *extra]
         service = services[name]
         assert service["spec"]["ports"] == [{"name": "http", "port": port, "targetPort": "http"}]
         pod_labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
@@ -398,6 +403,8 @@ def test_deployment_reads_secrets_only_from_the_secret(name: str) -> None:
     optional: set[str] = set()
     for variable in container["env"]:
         assert "value" not in variable, f"{name}: {variable['name']} set inline"
+        if "fieldRef" in variable["valueFrom"]:  # the pod's own facts (its IP), not secrets
+            continue
         ref = dict(variable["valueFrom"]["secretKeyRef"])
         if ref.pop("optional", False):
             optional.add(variable["name"])
@@ -440,7 +447,7 @@ def test_replicas_autoscalers_and_disruption_budgets() -> None:
 
 
 def test_only_the_gateway_may_reach_the_upstreams() -> None:
-    (policy,) = _by_kind("NetworkPolicy").values()
+    policy = _by_kind("NetworkPolicy")["upstreams-from-gateway-only"]
     spec = policy["spec"]
     assert spec["policyTypes"] == ["Ingress"]
     selected = {
@@ -459,6 +466,33 @@ def test_only_the_gateway_may_reach_the_upstreams() -> None:
     }
     assert allowed == {"gateway"}
     assert rule["ports"] == [{"protocol": "TCP", "port": "http"}]
+
+
+def test_gateway_metrics_are_scraped_on_the_operators_listener_only() -> None:
+    deployment = _by_kind("Deployment")["gateway"]
+    container = _container(deployment)
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert _config_map()["VOD_METRICS_PORT"] == str(METRICS_PORT)
+    defaults = {item.name: item.default for item in dataclasses.fields(Settings)}
+    assert defaults["metrics_port"] == METRICS_PORT  # the manifests match the default
+    # Bound to the pod IP (Prometheus and the kubelet reach it), never the public Service.
+    (host,) = (item for item in container["env"] if item["name"] == "VOD_METRICS_HOST")
+    assert host["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert all(
+        p["targetPort"] != "metrics" for p in _by_kind("Service")["gateway"]["spec"]["ports"]
+    )
+    policy = _by_kind("NetworkPolicy")["gateway-metrics-from-monitoring-only"]["spec"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert _selects(policy["podSelector"], labels)
+    assert policy["policyTypes"] == ["Ingress"]
+    public, monitoring = policy["ingress"]
+    assert public == {"ports": [{"protocol": "TCP", "port": "http"}]}  # from anywhere
+    assert monitoring["ports"] == [{"protocol": "TCP", "port": "metrics"}]
+    (source,) = monitoring["from"]
+    assert set(source) == {"namespaceSelector"}
 
 
 def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
